@@ -1,0 +1,88 @@
+"""Fixtures: a real Postgres (fresh database per test) and a fresh SQLite file.
+
+Postgres comes from ``DBOS_TEST_DATABASE_URL`` (a server URL; each test gets its
+own database on it) or, when unset, from a throwaway cluster started from the
+PostgreSQL binaries on this machine. Without either, Postgres tests skip with
+the reason, except under ``CI=true`` where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pgcluster
+import pytest
+from sqlalchemy.engine import make_url
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a Postgres server the tests may create databases on."""
+    url = os.environ.get("DBOS_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if pgcluster.find_bindir() is None:
+        reason = "no Postgres: set DBOS_TEST_DATABASE_URL or install PostgreSQL server binaries"
+        if _in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    datadir = tmp_path_factory.mktemp("pgcluster")
+    try:
+        url = pgcluster.start(datadir)
+    except Exception as exc:  # noqa: BLE001
+        if _in_ci():
+            raise
+        pytest.skip(f"could not start a throwaway Postgres cluster: {exc}")
+    try:
+        yield url
+    finally:
+        pgcluster.stop(datadir)
+
+
+def _admin(server_url: str):  # type: ignore[no-untyped-def]
+    import psycopg2
+
+    conn = psycopg2.connect(server_url)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database on the test server; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn = _admin(pg_server)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    url = make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    yield url
+    conn = _admin(pg_server)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs once on a fresh Postgres database, once on SQLite."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return request.getfixturevalue("sqlite_url")

@@ -1,0 +1,124 @@
+"""A throwaway PostgreSQL cluster for the tests (and for `.ci/run`).
+
+    python tests/pgcluster.py start DIR   # prints the server URL
+    python tests/pgcluster.py stop DIR
+
+The cluster lives in DIR, listens on 127.0.0.1 on a free port, trusts local
+connections and skips fsync: it is for tests only. ``initdb`` refuses to run as
+root, so as root the cluster is created and run by the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def find_bindir() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
+    return Path(versions[0]).parent if versions else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_owner(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+def start(datadir: Path) -> str:
+    """Create and start a cluster in ``datadir``; return its URL (no database)."""
+    bindir = find_bindir()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL server binaries (pg_ctl, initdb) not found")
+    datadir = datadir.resolve()
+    datadir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(datadir, "postgres", "postgres")
+        # The postgres user must be able to reach the directory.
+        for parent in datadir.parents:
+            if parent == Path("/"):
+                break
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o001)
+    port = free_port()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "check": True}
+    subprocess.run(
+        _as_owner(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(datadir / "data"),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]
+        ),
+        **quiet,
+    )
+    options = (
+        f"-p {port} -c listen_addresses=127.0.0.1 -k {datadir} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        "-c max_connections=400 -c shared_buffers=128MB"
+    )
+    subprocess.run(
+        _as_owner(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(datadir / "data"),
+                "-o",
+                options,
+                "-l",
+                str(datadir / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        ),
+        **quiet,
+    )
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    (datadir / "url").write_text(url)
+    return url
+
+
+def stop(datadir: Path) -> None:
+    bindir = find_bindir()
+    data = datadir.resolve() / "data"
+    if bindir is None or not (data / "postmaster.pid").exists():
+        return
+    subprocess.run(
+        _as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("start", "stop"):
+        sys.exit(__doc__)
+    if sys.argv[1] == "start":
+        print(start(Path(sys.argv[2])))
+    else:
+        stop(Path(sys.argv[2]))
