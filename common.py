@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -170,6 +171,37 @@ def setup_logging(app: str, level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+
+
+def crash(**context: Any) -> NoReturn:
+    """Simulate a crash: exit at once, skipping every cleanup (no DBOS shutdown)."""
+    log.warning("crashing", extra=context)
+    logging.shutdown()
+    os._exit(3)
+
+
+def scope_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags of the scope experiments (``scope.py``, ``scope_funcs.py``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=30, help="number of steps (default 30)")
+    parser.add_argument(
+        "--step-seconds", type=float, default=0.5, help="sleep in each step (default 0.5)"
+    )
+    parser.add_argument(
+        "--crash-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="exit abruptly (code 3) right after step K has completed",
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.step_seconds < 0:
+        parser.error("--step-seconds must not be negative")
+    if args.crash_after is not None and not 1 <= args.crash_after <= args.steps:
+        parser.error("--crash-after must be between 1 and --steps")
+    return args
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -31,9 +31,7 @@ What it means
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import time
 
 from dbos import DBOS
@@ -80,39 +78,14 @@ class A:
         for number in range(1, steps + 1):
             a.step(number, step_seconds)
             if crash_after == number:
-                # Simulated crash: step `number` is checkpointed, nothing else runs.
-                log.warning("crashing", extra={"after_step": number})
-                logging.shutdown()
-                os._exit(3)
+                # Step `number` is checkpointed; nothing after it runs.
+                common.crash(after_step=number)
         return {"steps": steps, "instance_counter": a.counter, "instance_id": a.instance_id}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="number of steps (default 30)")
-    parser.add_argument(
-        "--step-seconds", type=float, default=0.5, help="sleep in each step (default 0.5)"
-    )
-    parser.add_argument(
-        "--crash-after",
-        type=int,
-        default=None,
-        metavar="K",
-        help="exit abruptly (code 3) right after step K has completed",
-    )
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.step_seconds < 0:
-        parser.error("--step-seconds must not be negative")
-    if args.crash_after is not None and not 1 <= args.crash_after <= args.steps:
-        parser.error("--crash-after must be between 1 and --steps")
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     global crash_after
-    args = parse_args(argv)
+    args = common.scope_args(__doc__.splitlines()[0], argv)
     common.setup_logging("scope")
     try:
         config = common.dbos_config("scope")
