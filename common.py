@@ -295,16 +295,21 @@ def pending_before_launch(config: dict[str, Any], workflow: Callable[..., Any]) 
 
 
 def launch_and_resume(
-    config: dict[str, Any], workflow: Callable[..., Any], *args: Any, **kwargs: Any
+    app: str | dict[str, Any], workflow: Callable[..., Any], *args: Any
 ) -> tuple[Any, bool]:
-    """Launch DBOS, then wait for an interrupted run of ``workflow`` if this launch
-    recovers one, else start a fresh one. Returns ``(handle, recovered)``.
+    """Launch DBOS for experiment ``app``, then wait for an interrupted run of
+    ``workflow`` if this launch recovers one, else start a fresh one.
+    Returns ``(handle, recovered)``; exits with one error line if DBOS cannot start.
 
     DBOS recovers PENDING workflows of the same executor id and application
     version; a run left by older code (another version) is not resumed.
     """
     from dbos import DBOS
 
+    try:
+        config = dbos_config(app) if isinstance(app, str) else app
+    except ConfigError as exc:
+        fail(str(exc))
     check_reachable(config["system_database_url"])
     pending = pending_before_launch(config, workflow)
     launch(config)
@@ -319,8 +324,32 @@ def launch_and_resume(
             latest = max(mine, key=lambda w: w.created_at or 0)
             log.info("resuming interrupted workflow", extra={"workflow_id": latest.workflow_id})
             return DBOS.retrieve_workflow(latest.workflow_id), True
-    return DBOS.start_workflow(workflow, *args, **kwargs), False
+    return DBOS.start_workflow(workflow, *args), False
 
 
 def _workflow_name(workflow: Callable[..., Any]) -> str:
     return getattr(workflow, "__qualname__", workflow.__name__)
+
+
+# --- FastAPI ---
+
+
+async def workflow_view(workflow_id: str) -> dict[str, Any]:
+    """The answer of ``GET /workflows/{workflow_id}``, shared by the FastAPI apps.
+
+    ``{"workflow_id", "status"}`` plus ``"result"`` once ``SUCCESS`` or ``"error"``
+    when it failed; an unknown id is a 404 with the reason. Read from the system
+    database, so runs from before a restart are answered too.
+    """
+    from dbos import DBOS
+    from fastapi import HTTPException
+
+    status = await DBOS.get_workflow_status_async(workflow_id)
+    if status is None:
+        raise HTTPException(status_code=404, detail=f"no workflow with id {workflow_id!r}")
+    view: dict[str, Any] = {"workflow_id": workflow_id, "status": status.status}
+    if status.status == "SUCCESS":
+        view["result"] = status.output
+    elif status.error is not None:
+        view["error"] = f"{type(status.error).__name__}: {status.error}"
+    return view

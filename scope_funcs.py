@@ -65,14 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     global crash_after
     args = common.scope_args(__doc__.splitlines()[0], argv)
     common.setup_logging("scope-funcs")
-    try:
-        config = common.dbos_config("scope-funcs")
-    except common.ConfigError as exc:
-        common.fail(str(exc))
     # A property of this process, not a workflow input: the resumed run must not crash again.
     crash_after = args.crash_after
     handle, recovered = common.launch_and_resume(
-        config, count_workflow, args.steps, args.step_seconds
+        "scope-funcs", count_workflow, args.steps, args.step_seconds
     )
     result = handle.get_result()
     DBOS.destroy()
