@@ -1,0 +1,260 @@
+"""Experiment: what happens to objects and counters inside a long-lived web process?
+
+Question
+    ``scope.py`` showed that an object created inside a workflow does not survive
+    a crash. In a FastAPI server the process lives on between requests: which
+    state grows from request to request, which starts again at zero after a
+    restart, and what can still be read from the database afterwards?
+
+Run
+    uvicorn fastapi_scope:app            # or: python fastapi_scope.py (PORT, default 8000)
+    curl -X POST 'localhost:8000/trigger_sync?steps=3&step_seconds=0'
+    curl -X POST 'localhost:8000/trigger_async?steps=3'          # 202, poll the id:
+    curl localhost:8000/workflows/<workflow_id>
+    curl -X POST 'localhost:8000/instance/trigger_sync?steps=3&step_seconds=0'
+    curl localhost:8000/counters
+    (stop the server with Ctrl-C, start it again, repeat the last two calls)
+
+Observe
+    - ``/trigger_sync`` answers 200 with the finished result; ``instance_counter``
+      equals ``steps`` every time (a new ``A`` per run) and ``class_counter`` stays 0
+      (``self.counter += 1`` writes an instance attribute that shadows ``A.counter``).
+    - ``/instance/trigger_sync`` runs a workflow *method* of ``tally``, one
+      ``DBOSConfiguredInstance`` that lives as long as the process: its counter
+      grows by ``steps`` with every request (``counter_before`` -> ``counter_after``).
+    - ``/counters`` grows across requests (triggers, step bodies run, tally counter);
+      after a restart it reads zero again, while ``/workflows/<old id>`` still
+      returns the old result.
+
+What it means
+    - Durable (system database): workflow inputs, step outputs, workflow results.
+      They survive restarts and are what ``/workflows/{id}`` reads.
+    - Per process: module globals, class attributes and configured instances. They
+      are shared by all requests and workflows of this process and lost on restart
+      (and a recovered workflow sees the *new* process's values).
+    - Per workflow run: an object created inside the workflow. Gone when the run
+      ends; a recovered run creates a new one.
+    So a workflow must never depend on process state for correctness: keep what it
+    needs in its inputs and step outputs.
+
+Limits (also in the OpenAPI schema at /docs)
+    ``/trigger_sync`` and ``/instance/trigger_sync`` hold a request (and a worker
+    thread) until the workflow ends: at most 20 steps of at most 0.5 s, so 10 s.
+    ``/trigger_async`` answers at once and runs in the background: at most 50 steps
+    of at most 1 s. Anything outside is a 422 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from dbos import DBOS, DBOSConfiguredInstance, SetWorkflowID
+from fastapi import FastAPI, Query
+
+import common
+
+APP = "fastapi-scope"
+log = logging.getLogger("fastapi_scope")
+
+# uvicorn logs its first lines before the lifespan runs: set up JSON logging now so
+# that every line of the server is JSON (no DBOS, no database at import).
+common.setup_logging(APP)
+
+SYNC_MAX_STEPS = 20
+SYNC_MAX_STEP_SECONDS = 0.5
+ASYNC_MAX_STEPS = 50
+ASYNC_MAX_STEP_SECONDS = 1.0
+
+# Process-level counters: plain module state, shared by all requests, gone on restart.
+_lock = threading.Lock()
+process_counters = {"triggers": 0, "step_bodies_run": 0}
+
+
+def _count(name: str) -> None:
+    with _lock:  # requests and workflows run on several threads
+        process_counters[name] += 1
+
+
+@DBOS.dbos_class()
+class A:
+    counter = 0
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+
+    @DBOS.step()
+    def step(self, number: int, step_seconds: float) -> int:
+        _count("step_bodies_run")
+        self.counter += 1  # reads A.counter once, then shadows it on self
+        log.info(
+            "step",
+            extra={
+                "step": number,
+                "instance_id": self.instance_id,
+                "instance_counter": self.counter,
+                "class_counter": A.counter,
+            },
+        )
+        time.sleep(step_seconds)
+        return self.counter
+
+    @staticmethod
+    @DBOS.workflow()
+    def run(steps: int, step_seconds: float) -> dict[str, Any]:
+        # A new object per run (a recovered run gets another one).
+        a = A(instance_id=str(time.time()))
+        for number in range(1, steps + 1):
+            a.step(number, step_seconds)
+        return {
+            "steps": steps,
+            "instance_id": a.instance_id,
+            "instance_counter": a.counter,
+            "class_counter": A.counter,
+        }
+
+
+@DBOS.dbos_class()
+class Tally(DBOSConfiguredInstance):
+    """A long-lived object with workflow methods: one per process, named for DBOS."""
+
+    counter = 0
+
+    def __init__(self, config_name: str) -> None:
+        self._lock = threading.Lock()
+        super().__init__(config_name)
+
+    @DBOS.step()
+    def step(self, number: int, step_seconds: float) -> int:
+        _count("step_bodies_run")
+        with self._lock:  # concurrent requests share this object
+            self.counter += 1
+            seen = self.counter
+        log.info("tally step", extra={"step": number, "tally_counter": seen})
+        time.sleep(step_seconds)
+        return seen
+
+    @DBOS.workflow()
+    def run(self, steps: int, step_seconds: float) -> dict[str, Any]:
+        before = self.counter
+        for number in range(1, steps + 1):
+            self.step(number, step_seconds)
+        return {
+            "steps": steps,
+            "config_name": self.config_name,
+            "counter_before": before,
+            "counter_after": self.counter,
+        }
+
+
+# DBOS finds configured instances by name, so they must exist before DBOS.launch()
+# (recovery looks this one up): created at import, like a decorator registration.
+tally = Tally("tally")
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    try:
+        config = common.dbos_config(APP)
+    except common.ConfigError as exc:
+        common.fail(str(exc))
+    # The sync DBOS APIs refuse to run on the event loop: construct and launch on a thread.
+    await asyncio.to_thread(common.check_reachable, config["system_database_url"])
+    await asyncio.to_thread(common.launch, config)
+    log.info("serving", extra={"database": common.redacted(config["system_database_url"])})
+    yield
+    await asyncio.to_thread(DBOS.destroy)
+
+
+app = FastAPI(
+    title="fastapi_scope",
+    summary="Which state is durable, which is per process, which is per workflow run.",
+    lifespan=lifespan,
+)
+
+
+def _steps(maximum: int) -> Any:
+    return Query(ge=1, le=maximum, description=f"number of steps, 1..{maximum}")
+
+
+def _step_seconds(maximum: float) -> Any:
+    return Query(ge=0, le=maximum, description=f"sleep in each step, 0..{maximum} s")
+
+
+# `def` endpoints run on a worker thread, where the workflow may block until it ends.
+@app.post("/trigger_sync")
+def trigger_sync(
+    steps: Annotated[int, _steps(SYNC_MAX_STEPS)] = 5,
+    step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = 0.1,
+) -> dict[str, Any]:
+    """Run ``A.run`` to completion inside the request (at most 10 s)."""
+    _count("triggers")
+    workflow_id = str(uuid.uuid4())
+    with SetWorkflowID(workflow_id):
+        result = A.run(steps, step_seconds)
+    return {"workflow_id": workflow_id, "status": "SUCCESS", "result": result}
+
+
+# `DBOS.start_workflow_async` only takes `async def` workflows; `A.run` is sync, so
+# this is a `def` endpoint too (it returns as soon as the workflow has started).
+@app.post("/trigger_async", status_code=202)
+def trigger_async(
+    steps: Annotated[int, _steps(ASYNC_MAX_STEPS)] = 5,
+    step_seconds: Annotated[float, _step_seconds(ASYNC_MAX_STEP_SECONDS)] = 0.1,
+) -> dict[str, Any]:
+    """Start ``A.run`` in the background; poll ``GET /workflows/{workflow_id}``."""
+    _count("triggers")
+    handle = DBOS.start_workflow(A.run, steps, step_seconds)
+    return {"workflow_id": handle.workflow_id, "status": handle.get_status().status}
+
+
+@app.post("/instance/trigger_sync")
+def instance_trigger_sync(
+    steps: Annotated[int, _steps(SYNC_MAX_STEPS)] = 5,
+    step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = 0.1,
+) -> dict[str, Any]:
+    """Run the workflow method of the long-lived ``tally`` to completion (at most 10 s)."""
+    _count("triggers")
+    workflow_id = str(uuid.uuid4())
+    with SetWorkflowID(workflow_id):
+        result = tally.run(steps, step_seconds)
+    return {"workflow_id": workflow_id, "status": "SUCCESS", "result": result}
+
+
+@app.get("/counters")
+def counters() -> dict[str, Any]:
+    """Process-level state: grows across requests, zero again after a restart."""
+    with _lock:
+        snapshot = dict(process_counters)
+    return {
+        "process_id": os.getpid(),
+        **snapshot,
+        "class_counter": A.counter,
+        "tally_counter": tally.counter,
+    }
+
+
+@app.get("/workflows/{workflow_id}")
+async def get_workflow(workflow_id: str) -> dict[str, Any]:
+    """Status of any workflow, from the database (also runs from before a restart)."""
+    return await common.workflow_view(workflow_id)
+
+
+def main() -> None:
+    port = os.environ.get("PORT", "8000").strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        common.fail(f"PORT must be a TCP port number (1-65535), got {port!r}")
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_config=None)
+
+
+if __name__ == "__main__":
+    main()

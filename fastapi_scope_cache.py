@@ -1,0 +1,242 @@
+"""Experiment: where do credentials live when durable workflows need them?
+
+Question
+    Workflows call a users API that needs a token. Fetching the token is slow, so the
+    process caches it. Where must that cache live so that (a) the token is fetched once
+    per process, (b) a workflow recovered after a crash still gets a token, and (c) the
+    token never ends up in the DBOS system database or the logs?
+
+Run
+    uvicorn fastapi_scope_cache:app       # or: python fastapi_scope_cache.py (PORT, default 8000)
+    curl -X POST localhost:8000/trigger_async                  # 202 {"workflow_id", "status"}
+    curl localhost:8000/workflows/<workflow_id>                # "users_described": 15
+    curl localhost:8000/cache                                  # {"fetches": 1, "hits": 20, ...}
+    curl -X POST localhost:8000/trigger_async; curl localhost:8000/cache   # fetches still 1
+    (restart the server: the first run fetches again)
+
+    ``get_users`` walks 5 pages of 3 users: each page is a child workflow
+    ``get_users_page``, each user a step ``describe_user``. Query parameters:
+    ``pages`` (1..10), ``users_per_page`` (1..10), ``step_seconds`` (0..0.5, a sleep in
+    each step so a run can be interrupted): at most 100 steps and 50 s in the background.
+    The token comes from ``CREDENTIALS_SECRET`` (a random value per process when unset);
+    the demo provider takes 0.5 s, like a call to a secrets manager.
+
+Observe
+    - ``/cache``: ``fetches`` is 1 however many runs a process serves; each use of the
+      token after the first is a hit (1 + pages + pages*users_per_page per run). After a
+      restart it starts from zero, and the first run fetches again.
+    - Logs show only ``credentials_fingerprint`` (8 hex digits of a SHA-256), never the
+      token; the system database holds no trace of it.
+    - Kill the server (SIGKILL) while ``step_seconds`` keeps a run going and start it
+      again: DBOS resumes ``get_users`` and only the users not yet described are
+      described; the resumed code fetches the token again on first use.
+
+Why the cache lives outside workflow state
+    Everything a workflow or step takes as an argument or returns is written to the
+    system database (pickled, readable by anyone with access to it, kept after the run)
+    and replayed on recovery instead of recomputed. A token passed that way would be
+    stored in clear and, after a crash, replayed even if it had expired or been rotated.
+    So the token is never an argument or a return value: code that needs it calls
+    ``get_credentials()``, which reads a module-level cache in process memory and fills
+    it from the provider on first use, in whichever process runs the code (the original
+    one, or the one that recovers the workflow).
+
+Lifespan
+    Clears the cache before DBOS launches and again after DBOS is destroyed, and does
+    not warm it: the lazy path is the one recovery depends on (a workflow resumed at
+    launch fetches on first use), a provider outage does not stop the server from
+    starting, and no secret stays in memory once workflows have stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from dbos import DBOS
+from fastapi import FastAPI, Query
+
+import common
+
+APP = "fastapi-scope-cache"
+log = logging.getLogger("fastapi_scope_cache")
+
+# uvicorn logs its first lines before the lifespan runs: set up JSON logging now so
+# that every line of the server is JSON (no DBOS, no database at import).
+common.setup_logging(APP)
+
+PROVIDER_SECONDS = 0.5
+MAX_PAGES = 10
+MAX_USERS_PER_PAGE = 10
+MAX_STEP_SECONDS = 0.5
+
+# --- credentials: process memory only ------------------------------------------
+
+credentials_cache: dict[str, str] = {}
+cache_stats = {"fetches": 0, "hits": 0}
+_cache_lock = threading.Lock()
+_random_secret: str | None = None
+
+
+def fingerprint(secret: str) -> str:
+    """What may be logged about a secret: enough to tell two apart, not to recover one."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def fetch_from_provider() -> str:
+    """The demo credentials provider: slow, like a secrets manager."""
+    global _random_secret
+    time.sleep(PROVIDER_SECONDS)
+    secret = os.environ.get("CREDENTIALS_SECRET", "")
+    if secret:
+        return secret
+    if _random_secret is None:
+        _random_secret = secrets.token_hex(16)
+    return _random_secret
+
+
+def get_credentials() -> str:
+    """The token, from the cache or (first use in this process) from the provider."""
+    with _cache_lock:  # concurrent workflows: one fetch, the others wait for it
+        token = credentials_cache.get("users_api")
+        if token is not None:
+            cache_stats["hits"] += 1
+            return token
+        cache_stats["fetches"] += 1
+        token = fetch_from_provider()
+        credentials_cache["users_api"] = token
+    log.info("credentials fetched", extra={"credentials_fingerprint": fingerprint(token)})
+    return token
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        credentials_cache.clear()
+
+
+def _authorize(token: str) -> None:
+    """Stand-in for the users API checking the token on every call."""
+    if not token:
+        raise PermissionError("users API: no credentials")
+
+
+# --- workflows: the token is used, never passed, returned or logged -------------
+
+
+@DBOS.workflow()
+def get_users(pages: int, users_per_page: int, step_seconds: float) -> dict[str, Any]:
+    token = get_credentials()  # on every execution, recovery included; never recorded
+    _authorize(token)
+    log.info(
+        "get_users",
+        extra={"pages": pages, "credentials_fingerprint": fingerprint(token)},
+    )
+    described = 0
+    for page in range(1, pages + 1):
+        described += get_users_page(page, users_per_page, step_seconds)
+    return {"pages": pages, "users_per_page": users_per_page, "users_described": described}
+
+
+@DBOS.workflow()
+def get_users_page(page: int, users_per_page: int, step_seconds: float) -> int:
+    _authorize(get_credentials())
+    for number in range(1, users_per_page + 1):
+        describe_user(page, f"user-{page}-{number}", step_seconds)
+    return users_per_page
+
+
+@DBOS.step()
+def describe_user(page: int, user: str, step_seconds: float) -> dict[str, Any]:
+    _authorize(get_credentials())
+    log.info("describe_user", extra={"page": page, "user": user})
+    time.sleep(step_seconds)
+    return {"page": page, "user": user, "description": f"{user} (page {page})"}
+
+
+# --- the app -----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    clear_cache()  # before launch: recovered workflows fetch on first use
+    try:
+        config = common.dbos_config(APP)
+    except common.ConfigError as exc:
+        common.fail(str(exc))
+    # The sync DBOS APIs refuse to run on the event loop: construct and launch on a thread.
+    await asyncio.to_thread(common.check_reachable, config["system_database_url"])
+    await asyncio.to_thread(common.launch, config)
+    log.info("serving", extra={"database": common.redacted(config["system_database_url"])})
+    yield
+    await asyncio.to_thread(DBOS.destroy)
+    clear_cache()  # no secret in memory once no workflow can use it
+
+
+app = FastAPI(
+    title="fastapi_scope_cache",
+    summary="A credentials cache outside workflow state; DBOS in the lifespan.",
+    lifespan=lifespan,
+)
+
+
+# `DBOS.start_workflow_async` only takes `async def` workflows; `get_users` is sync,
+# so this is a `def` endpoint (it returns as soon as the workflow has started).
+@app.post("/trigger_async", status_code=202)
+def trigger_async(
+    pages: Annotated[
+        int, Query(ge=1, le=MAX_PAGES, description=f"pages to walk, 1..{MAX_PAGES}")
+    ] = 5,
+    users_per_page: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=MAX_USERS_PER_PAGE,
+            description=f"users on each page, 1..{MAX_USERS_PER_PAGE}",
+        ),
+    ] = 3,
+    step_seconds: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_STEP_SECONDS,
+            description=f"sleep in each describe_user step, 0..{MAX_STEP_SECONDS} s",
+        ),
+    ] = 0.0,
+) -> dict[str, Any]:
+    """Start ``get_users``; poll ``GET /workflows/{workflow_id}`` for its result."""
+    handle = DBOS.start_workflow(get_users, pages, users_per_page, step_seconds)
+    return {"workflow_id": handle.workflow_id, "status": handle.get_status().status}
+
+
+@app.get("/cache")
+def cache() -> dict[str, Any]:
+    """This process's credentials cache: counts only, never the secret."""
+    with _cache_lock:
+        return {**cache_stats, "cached": "users_api" in credentials_cache}
+
+
+@app.get("/workflows/{workflow_id}")
+async def get_workflow(workflow_id: str) -> dict[str, Any]:
+    """Status of any workflow, from the database (also runs from before a restart)."""
+    return await common.workflow_view(workflow_id)
+
+
+def main() -> None:
+    port = os.environ.get("PORT", "8000").strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        common.fail(f"PORT must be a TCP port number (1-65535), got {port!r}")
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_config=None)
+
+
+if __name__ == "__main__":
+    main()
