@@ -1,0 +1,71 @@
+# The shutdown demo (fastapi_scope_shutdown.py) served by uvicorn on 0.0.0.0:8000,
+# keeping its workflows in Postgres.
+#
+#   docker build -t experiment6 .
+#   export SHUTDOWN_TOKEN=$(openssl rand -hex 16)
+#   docker run --rm -p 8000:8000 --add-host=host.docker.internal:host-gateway \
+#     -e DBOS_SYSTEM_DATABASE_URL=postgresql://postgres:dbos@host.docker.internal:5432/experiment6 \
+#     -e SHUTDOWN_TOKEN experiment6
+#   (or `docker compose up`: docker-compose.yml adds the Postgres)
+#
+# No Docker engine runs where this repo is tested, so tests/test_container.py checks
+# this file instead: hadolint (no rule ignored), and a "build" that copies exactly
+# what the COPY lines copy next to a fresh virtualenv holding exactly what RUN
+# installs, then runs ENTRYPOINT + CMD (as PID 1 of a new PID namespace, as user
+# 10001) and HEALTHCHECK with the ENV below against a real Postgres. A line that
+# test cannot replay makes it fail: teach tests/container_image.py before adding one.
+
+# A tag, not a digest: patch releases of 3.12 and Debian security fixes arrive on rebuild.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /app
+
+# One source of truth for versions: requirements.txt includes this same file.
+# Installed before the code is copied, so editing the code reuses this layer.
+COPY requirements-runtime.txt .
+RUN pip install --no-cache-dir -r requirements-runtime.txt \
+    && groupadd --system --gid 10001 app \
+    && useradd --system --no-log-init --uid 10001 --gid app --no-create-home app
+
+# Only what the shutdown demo needs; owned by root, so the app cannot change its code.
+# dbos-config.yaml serves the DBOS CLI inside the container (dbos workflow list).
+COPY dbos-config.yaml common.py fastapi_scope_shutdown.py ./
+
+# The system database. DBOS_SYSTEM_DATABASE_URL wins when given (-e at run time);
+# left empty, common.py composes postgresql://PGUSER:PGPASSWORD@PGHOST:PGPORT/PGDATABASE
+# from the libpq variables below, as the original image configured Postgres: the
+# default host is the Docker host (Docker Desktop names it; on Linux add
+# --add-host=host.docker.internal:host-gateway). PGPASSWORD has no default: a
+# password does not belong in an image layer (docker run -e PGPASSWORD=...).
+ENV DBOS_SYSTEM_DATABASE_URL="" \
+    PGHOST=host.docker.internal \
+    PGPORT=5432 \
+    PGUSER=postgres \
+    PGDATABASE=experiment6
+
+# Numeric, so "runAsNonRoot" checks (Kubernetes) can verify it without /etc/passwd.
+USER 10001:10001
+
+EXPOSE 8000
+
+# python:3.12-slim has no curl; urlopen raises (exit 1) on a refused connection or a
+# non-2xx answer, and /healthz answers 200 only once DBOS has launched.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+
+# PID 1 is dumb-init (from requirements-runtime.txt): the kernel drops a SIGKILL, and
+# any signal without a handler, that PID 1 gets from inside the container, so with
+# uvicorn as PID 1 /shutdown?mode=crash would not kill it. dumb-init forwards
+# docker stop's SIGTERM to uvicorn, which stops accepting requests, gives open ones
+# 3 s, then the app's shutdown gives running workflows 5 s (DBOS.destroy): both fit
+# in docker stop's 10 s before SIGKILL. Exit status 143 (uvicorn re-raises SIGTERM)
+# is that clean stop. One server process: scale with replicas, each process claims
+# its own executor slot (see fastapi_scope_shutdown.py).
+ENTRYPOINT ["dumb-init", "--"]
+CMD ["uvicorn", "fastapi_scope_shutdown:app", "--host", "0.0.0.0", "--port", "8000", \
+     "--timeout-graceful-shutdown", "3"]

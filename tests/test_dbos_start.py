@@ -1,0 +1,126 @@
+"""`dbos start` (dbos-config.yaml) runs the shutdown demo on Postgres, and SIGTERM to
+`dbos start` stops every process it started: none is left running or listening."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from helpers import REPO, free_port, script_env, wait_for
+
+DBOS = Path(sys.executable).parent / "dbos"
+
+
+def processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every running (non-zombie) process."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # "pid (comm) state ppid pgrp session ...": comm may hold spaces.
+                    state, ppid, _, session = f.read().rsplit(")", 1)[1].split()[:4]
+            except (OSError, ValueError):
+                continue
+            if state != "Z":  # a zombie runs nothing; its parent reaps it
+                found[int(entry)] = (int(ppid), int(session))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    table = processes()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def session(sid: int) -> set[int]:
+    """The processes of session ``sid``: re-parented orphans included."""
+    return {p for p, (_, s) in processes().items() if s == sid}
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
+    pg_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = script_env(pg_url, PORT=str(port))
+    env.pop("WORKERS", None)  # the layout chosen for Postgres: 2 uvicorn workers
+    env.pop("HOST", None)
+    # `python` in the start command must be this virtualenv's.
+    env["PATH"] = f"{DBOS.parent}{os.pathsep}{env.get('PATH', '')}"
+    log = open(tmp_path / "dbos-start.log", "wb")
+    proc = subprocess.Popen(
+        [str(DBOS), "start"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    # dbos start runs the command in a new session (setsid): its id is the shell's pid,
+    # and every process the command starts stays in it, even once re-parented.
+    sid = 0
+    try:
+
+        def start_command() -> int | None:
+            children = [p for p, (parent, _) in processes().items() if parent == proc.pid]
+            return children[0] if children else None
+
+        child = wait_for(start_command, 30, 0.05, "dbos start to run its start command")
+        sid = processes()[child][1]
+        assert sid == child  # a session of its own
+
+        def healthy() -> dict | None:
+            if proc.poll() is not None:
+                text = (tmp_path / "dbos-start.log").read_text(errors="replace")
+                raise AssertionError(f"dbos start exited with {proc.returncode}:\n{text[-3000:]}")
+            try:
+                answer = client.get("/healthz")
+            except httpx.TransportError:
+                return None
+            return answer.json() if answer.status_code == 200 else None
+
+        health = wait_for(healthy, 90, 0.2, "dbos start to serve /healthz")
+        assert (health["status"], health["database"]) == ("ok", "postgres")
+        # Both workers answer (each claims its own executor slot): collect the
+        # executor ids that connections spread over the shared socket reach.
+        seen: set[str] = set()
+
+        def both_workers() -> bool:
+            # A new connection each time: a kept-alive one stays with one worker.
+            seen.add(client.get("/healthz", headers={"Connection": "close"}).json()["executor_id"])
+            return seen == {"shutdown-0", "shutdown-1"}
+
+        wait_for(both_workers, 60, 0.05, "both uvicorn workers to answer")
+        started = session(sid)
+        assert started == descendants(proc.pid)
+        # the shell's command (uvicorn's supervisor) and its 2 worker processes at least
+        assert len(started) >= 3, started
+
+        proc.send_signal(signal.SIGTERM)  # to `dbos start` alone; it forwards to its group
+        proc.wait(timeout=30)
+        wait_for(lambda: not session(sid), 30, 0.2, "every process of the start command to exit")
+        assert not listening(port)
+    finally:
+        client.close()
+        for pid in [proc.pid, *(session(sid) if sid else ())]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
