@@ -1,0 +1,390 @@
+"""fastapi_scope_shutdown.py in one server process: the fan-out and its limit, progress,
+input checks, the shutdown endpoint's guard, a SIGTERM stop, the schedule next to another
+experiment, SQLite. Several workers, crashes and recovery: test_..._workers.py.
+
+Servers run as real uvicorn processes on a fresh Postgres database (SQLite where
+the test says so). Step bodies append to a ledger file (FIB_LEDGER) outside DBOS,
+so a test can count how often each body really ran.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import REPO, AppServer, free_port, query, run_script, script_env, wait_for
+
+TOKEN = "test-token-7c1d0e"  # must never show up in a log
+GRACE_SECONDS = 5  # fastapi_scope_shutdown.GRACE_SECONDS
+SCRIPT = REPO / "fastapi_scope_shutdown.py"
+
+
+def fib(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def expected(steps: int, max_n: int) -> list[int]:
+    return [fib(min(i, max_n)) for i in range(steps)]
+
+
+def app_server(
+    tmp_path: Path,
+    db_url: str,
+    name: str,
+    *,
+    workers: int | None = None,
+    token: str | None = TOKEN,
+    port: int | None = None,
+) -> AppServer:
+    """``uvicorn fastapi_scope_shutdown:app`` (one process, as in the Docker image), or
+    ``python fastapi_scope_shutdown.py`` with WORKERS processes (as ``dbos start``)."""
+    extra = {"FIB_LEDGER": str(tmp_path / "ledger.txt")}
+    if token:
+        extra["SHUTDOWN_TOKEN"] = token
+    env = script_env(db_url, **extra)
+    log = tmp_path / f"{name}.log"
+    if workers is None:
+        return AppServer("fastapi_scope_shutdown:app", env, log, port=port)
+    server = AppServer("", env, log, port=port, command=[sys.executable, str(SCRIPT)])
+    env.update(PORT=str(server.port), WORKERS=str(workers))
+    return server
+
+
+def trigger(server: AppServer, steps: int, max_n: int) -> str:
+    answer = server.client.post("/trigger_async", params={"steps": steps, "max_n": max_n})
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["status"] in ("PENDING", "ENQUEUED", "SUCCESS")
+    return body["workflow_id"]
+
+
+def progress(server: AppServer, workflow_id: str) -> dict[str, Any]:
+    answer = server.client.get(f"/workflows/{workflow_id}")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def wait_done(server: AppServer, workflow_id: str, timeout: float = 60) -> dict[str, Any]:
+    return wait_for(
+        lambda: (view := progress(server, workflow_id))["status"] == "SUCCESS" and view,
+        timeout,
+        0.2,
+        f"fan-out {workflow_id} to finish",
+    )
+
+
+def wait_progress(server: AppServer, workflow_id: str, done: int) -> dict[str, Any]:
+    return wait_for(
+        lambda: (view := progress(server, workflow_id))["progress"]["done"] >= done and view,
+        60,
+        0.1,
+        f"{done} steps of {workflow_id} to finish",
+    )
+
+
+def children(db_url: str, parent: str) -> dict[int, dict[str, Any]]:
+    """The fan-out's step workflows by step index (child id ``<parent>-<index + 1>``):
+    status, executor, dequeue/end times (workflow_status), how many outputs the step
+    recorded and when its body ran (operation_outputs)."""
+    rows = query(
+        db_url,
+        "SELECT w.workflow_uuid, w.status, w.executor_id, w.started_at_epoch_ms, "
+        "w.completed_at, count(o.function_id), min(o.started_at_epoch_ms), "
+        "min(o.completed_at_epoch_ms) "
+        "FROM dbos.workflow_status w LEFT JOIN dbos.operation_outputs o "
+        "ON o.workflow_uuid = w.workflow_uuid AND o.function_name = 'fib_step' "
+        "WHERE w.parent_workflow_id = %s GROUP BY 1, 2, 3, 4, 5",
+        parent,
+    )
+    found = {}
+    for wf_id, status, executor, started, completed, outputs, body_start, body_end in rows:
+        index = int(wf_id.rsplit("-", 1)[1]) - 1
+        found[index] = {
+            "status": status,
+            "executor_id": executor,
+            "started": started,
+            "completed": completed,
+            "outputs": outputs,
+            "body": (body_start, body_end),
+        }
+    return found
+
+
+def assert_queue_limit(steps_run: dict[int, dict[str, Any]]) -> None:
+    """At most 50 steps ran at once, and more than one did.
+
+    workflow_status stamps dequeue and end with the database's now(), the start of
+    each transaction: a dequeue that began before a peer's completion committed, and
+    then saw the freed room, carries a start earlier than that completion, so the
+    stamps can show 51 overlapping for a moment that never had 51. Each step's body
+    times (operation_outputs, taken by the worker after its dequeue committed and
+    before its end commits) lie strictly inside the time its queue slot was held.
+    """
+    status_peak = max_running([(c["started"], c["completed"]) for c in steps_run.values()])
+    body_peak = max_running([c["body"] for c in steps_run.values()])
+    assert status_peak > 1, status_peak
+    assert 1 < body_peak <= 50, body_peak
+
+
+def ledger(tmp_path: Path, parent: str) -> Counter[int]:
+    """How often each step body of ``parent`` ran (index -> executions)."""
+    path = tmp_path / "ledger.txt"
+    runs: Counter[int] = Counter()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        index, _pid, wf_id = line.split()
+        if wf_id.startswith(parent + "-"):
+            runs[int(index)] += 1
+    return runs
+
+
+def max_running(intervals: list[tuple[int, int]]) -> int:
+    """Most intervals open at one instant (an end at t closes before a start at t)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def assert_clean_stop(server: AppServer, started: float, bound: float) -> None:
+    code = server.wait_exit(timeout=bound + 20)
+    elapsed = time.monotonic() - started
+    text = server.log_text()
+    # uvicorn re-raises the SIGTERM after its graceful shutdown: -15 is clean.
+    assert code in (0, -signal.SIGTERM), f"exit {code}:\n{text[-3000:]}"
+    assert elapsed < bound, f"stop took {elapsed:.1f}s"
+    assert "Traceback" not in text
+    messages = [r["message"] for r in server.records()]
+    assert "stopping DBOS" in messages
+    assert messages.index("DBOS successfully shut down") > messages.index("stopping DBOS")
+    assert "Application shutdown complete." in messages
+    assert TOKEN not in text
+
+
+def schedule_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("message") == "scheduled workflow"]
+
+
+# --- the fan-out ------------------------------------------------------------
+
+
+def test_fan_out_returns_fibonacci_numbers_with_at_most_50_steps_running_at_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    steps, max_n = 120, 20  # more steps than the limit, each a few ms of CPU
+    with app_server(tmp_path, pg_url, "server") as server:
+        health = server.client.get("/healthz").json()
+        assert health == {
+            "status": "ok",
+            "executor_id": "shutdown-0",
+            "database": "postgres",
+            "pid": health["pid"],
+        }
+        workflow_id = trigger(server, steps, max_n)
+        seen = []
+        while (view := progress(server, workflow_id))["status"] != "SUCCESS":
+            assert view["status"] == "PENDING" and "result" not in view
+            assert view["progress"]["total"] == steps
+            seen.append(view["progress"]["done"])
+            time.sleep(0.05)
+        missing = server.client.get("/workflows/no-such-workflow")
+        # A step workflow exists, but it is not a fan-out.
+        step_workflow = server.client.get(f"/workflows/{workflow_id}-1")
+    assert view["result"] == expected(steps, max_n)
+    assert view["progress"] == {"done": steps, "total": steps}
+    assert seen == sorted(seen), seen  # progress only grows
+    assert any(0 < done < steps for done in seen), seen  # and was seen part way
+    assert missing.status_code == 404 and "no-such-workflow" in missing.json()["detail"]
+    assert step_workflow.status_code == 404
+
+    steps_run = children(pg_url, workflow_id)
+    assert sorted(steps_run) == list(range(steps))
+    assert {c["status"] for c in steps_run.values()} == {"SUCCESS"}
+    assert {c["outputs"] for c in steps_run.values()} == {1}  # one recorded output each
+    assert ledger(tmp_path, workflow_id) == Counter(range(steps))  # each body ran once
+    assert_queue_limit(steps_run)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 501}, "steps"),
+        ({"steps": "many"}, "steps"),
+        ({"max_n": -1}, "max_n"),
+        ({"max_n": 33}, "max_n"),
+    ],
+)
+def test_out_of_range_parameters_are_422_with_the_reason(
+    sqlite_server: AppServer, params: dict[str, Any], field: str
+) -> None:
+    answer = sqlite_server.client.post("/trigger_async", params=params)
+    assert answer.status_code == 422
+    (error,) = answer.json()["detail"]
+    assert error["loc"] == ["query", field]
+    assert error["msg"]
+
+
+def test_openapi_documents_the_ranges(sqlite_server: AppServer) -> None:
+    spec = sqlite_server.client.get("/openapi.json").json()
+    params = {p["name"]: p for p in spec["paths"]["/trigger_async"]["post"]["parameters"]}
+    assert (params["steps"]["schema"]["minimum"], params["steps"]["schema"]["maximum"]) == (1, 500)
+    assert (params["max_n"]["schema"]["minimum"], params["max_n"]["schema"]["maximum"]) == (0, 32)
+    assert params["steps"]["schema"]["default"] == 50
+    assert params["max_n"]["schema"]["default"] == 30
+    shutdown = spec["paths"]["/shutdown"]["post"]["responses"]
+    assert {"202", "401", "403"} <= shutdown.keys()
+
+
+@pytest.fixture(scope="module")
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One process on SQLite, no SHUTDOWN_TOKEN: for the plain request checks."""
+    tmp_path = tmp_path_factory.mktemp("sqlite_server")
+    url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    with app_server(tmp_path, url, "server", token=None) as server:
+        yield server
+
+
+def test_sqlite_runs_the_fan_out_in_one_process(sqlite_server: AppServer) -> None:
+    health = sqlite_server.client.get("/healthz").json()
+    assert (health["executor_id"], health["database"]) == ("shutdown-0", "sqlite")
+    workflow_id = trigger(sqlite_server, 12, 10)
+    assert wait_done(sqlite_server, workflow_id)["result"] == expected(12, 10)
+
+
+def test_sqlite_refuses_a_second_process_and_several_workers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    with app_server(tmp_path, url, "first", token=None) as first:
+        second = run_script(
+            "fastapi_scope_shutdown.py", env=script_env(url, PORT=str(free_port())), timeout=60
+        )
+        assert second.returncode == 2
+        assert "another process already serves" in second.records[-1]["message"]
+        assert first.client.get("/healthz").status_code == 200
+    several = run_script("fastapi_scope_shutdown.py", env=script_env(url, WORKERS="2"))
+    assert several.returncode == 2
+    assert len(several.records) == 1
+    assert "needs Postgres" in several.records[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("WORKERS", "0"), ("WORKERS", "two"), ("PORT", "70000")]
+)
+def test_bad_port_or_workers_fail_fast_with_one_line(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    result = run_script("fastapi_scope_shutdown.py", env=script_env(url, **{variable: value}))
+    assert result.returncode == 2
+    assert len(result.records) == 1
+    assert variable in result.records[0]["message"]
+    assert not (tmp_path / "experiment6.sqlite").exists()
+
+
+# --- the shutdown endpoint ---------------------------------------------------
+
+
+def test_shutdown_without_the_right_token_is_refused_and_the_server_keeps_serving(
+    pg_url: str, tmp_path: Path, sqlite_server: AppServer
+) -> None:
+    with app_server(tmp_path, pg_url, "server") as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            answer = server.client.post("/shutdown", params={"mode": "crash"}, headers=headers)
+            assert answer.status_code == 401, (headers, answer.text)
+            assert answer.headers["www-authenticate"] == "Bearer"
+        bad_mode = server.client.post(
+            "/shutdown", params={"mode": "reboot"}, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert bad_mode.status_code == 422
+        time.sleep(0.5)  # a shutdown would have started by now
+        assert server.proc is not None and server.proc.poll() is None
+        assert server.client.get("/healthz").status_code == 200
+        assert TOKEN not in server.log_text()
+    # No SHUTDOWN_TOKEN configured: the endpoint is disabled, whatever is sent.
+    disabled = sqlite_server.client.post("/shutdown", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert disabled.status_code == 403
+    assert "SHUTDOWN_TOKEN" in disabled.json()["detail"]
+    assert sqlite_server.client.get("/healthz").status_code == 200
+
+
+def test_sigterm_from_outside_is_a_graceful_stop_and_frees_the_executor_slot(
+    pg_url: str, tmp_path: Path
+) -> None:
+    server = app_server(tmp_path, pg_url, "first").start()
+    try:
+        assert server.client.get("/healthz").json()["executor_id"] == "shutdown-0"
+        started = time.monotonic()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert_clean_stop(server, started, bound=GRACE_SECONDS + 10)
+    finally:
+        server.close()
+    # The slot was released: the next process gets the same executor id.
+    with app_server(tmp_path, pg_url, "second") as again:
+        assert again.client.get("/healthz").json()["executor_id"] == "shutdown-0"
+
+
+# --- the schedule, next to another experiment ----------------------------------
+
+
+def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_database(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """One database, many experiments: scope.py (application experiment6-scope, executor
+    "local") runs against the shutdown demo's database while it serves. The demo's queue
+    keeps its configuration, its schedule keeps firing, and each ran only its own work."""
+    queue_sql = (
+        "SELECT name, concurrency, worker_concurrency, polling_interval_sec, application_name "
+        "FROM dbos.queues ORDER BY name"
+    )
+    with app_server(tmp_path, pg_url, "server") as server:
+        # Two runs 5 s apart within about 12 s of serving.
+        wait_for(lambda: len(schedule_runs(server.records())) >= 2, 12, 0.2, "two runs")
+        queues_before = query(pg_url, queue_sql)
+        assert queues_before == [("shutdown-fib", 50, None, 0.2, "experiment6-shutdown")]
+
+        scope = run_script(
+            "scope.py", "--steps", "2", "--step-seconds", "0", env=script_env(pg_url)
+        )
+        assert scope.returncode == 0, scope.stderr
+        assert scope.summary["recovered"] is False
+        scope_done = datetime.now().astimezone()
+
+        def runs_after_scope() -> bool:
+            runs = schedule_runs(server.records())
+            return any(datetime.fromisoformat(r["actual_time"]) > scope_done for r in runs)
+
+        wait_for(runs_after_scope, 10, 0.2, "a scheduled run after scope.py")
+        runs = schedule_runs(server.records())
+        queues_after = query(pg_url, queue_sql)
+        schedules = query(
+            pg_url, "SELECT schedule_name, application_name FROM dbos.workflow_schedules"
+        )
+        server_pid = server.proc.pid if server.proc else None
+
+    slots = [datetime.fromisoformat(r["scheduled_time"]) for r in runs]
+    # Every 5-second slot from the first to the last, each once, none skipped.
+    assert all((b - a).total_seconds() == 5 for a, b in zip(slots, slots[1:], strict=False))
+    assert all(s.second % 5 == 0 and s.microsecond == 0 for s in slots)
+    for run, slot in zip(runs, slots, strict=True):
+        assert 0 <= (datetime.fromisoformat(run["actual_time"]) - slot).total_seconds() < 5
+        assert run["workflow_id"] == f"sched-shutdown-every-5s-{run['scheduled_time']}"
+        assert (run["executor_id"], run["pid"]) == ("shutdown-0", server_pid)
+    assert queues_after == queues_before
+    assert schedules == [("shutdown-every-5s", "experiment6-shutdown")]
+    # Each application ran its own workflows, on its own executor id.
+    owners = query(
+        pg_url,
+        "SELECT DISTINCT application_name, executor_id FROM dbos.workflow_status ORDER BY 1",
+    )
+    assert owners == [("experiment6-scope", "local"), ("experiment6-shutdown", "shutdown-0")]

@@ -1,0 +1,250 @@
+"""fastapi_scope_shutdown.py with several worker processes on one Postgres, as
+`python fastapi_scope_shutdown.py` (and so `dbos start`) runs it: executor slots,
+a shared queue, one run per schedule slot, crash recovery for every worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+from helpers import AppServer, query, wait_for
+from test_fastapi_scope_shutdown import (
+    GRACE_SECONDS,
+    TOKEN,
+    app_server,
+    assert_clean_stop,
+    assert_queue_limit,
+    children,
+    expected,
+    ledger,
+    schedule_runs,
+    trigger,
+    wait_done,
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def claims(server: AppServer) -> list[tuple[str, int]]:
+    """(executor_id, pid) of every "executor slot claimed" line, in order."""
+    return [
+        (r["executor_id"], r["pid"])
+        for r in server.records()
+        if r.get("message") == "executor slot claimed"
+    ]
+
+
+def live_workers(server: AppServer, count: int) -> dict[str, int]:
+    """executor id -> pid of the live workers, once ``count`` of them serve."""
+
+    def ready() -> dict[str, int] | None:
+        latest = dict(claims(server))  # a restarted worker's line comes last
+        live = {e: p for e, p in latest.items() if alive(p)}
+        return live if len(live) == count else None
+
+    return wait_for(ready, 60, 0.1, f"{count} workers to claim their executor slots")
+
+
+def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # Ten steps of fib(30), ~0.2 s of CPU each and longer while they share a core: they
+    # are still running when the crash request gets through a busy worker.
+    steps, max_n = 40, 30
+    server = app_server(tmp_path, pg_url, "first", workers=2).start()
+    try:
+        workers = live_workers(server, 2)
+        assert set(workers) == {"shutdown-0", "shutdown-1"}
+        workflow_id = trigger(server, steps, max_n)
+        wait_for(
+            lambda: (
+                sum(
+                    c["status"] == "PENDING" and i >= max_n
+                    for i, c in children(pg_url, workflow_id).items()
+                )
+                >= 3
+            ),
+            60,
+            0.05,
+            "big steps running",
+        )
+        answer = server.client.post(
+            "/shutdown", params={"mode": "crash"}, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert answer.status_code == 202
+        # SIGKILL for the supervisor too (not restarted workers), and every worker.
+        assert server.wait_exit(timeout=10) == -signal.SIGKILL
+        wait_for(lambda: not any(alive(p) for p in workers.values()), 10, 0.05, "workers dead")
+    finally:
+        server.close()
+    at_kill = children(pg_url, workflow_id)
+    in_flight = {i for i, c in at_kill.items() if c["status"] == "PENDING"}
+    assert in_flight, (
+        "nothing was running at the crash",
+        Counter(c["status"] for c in at_kill.values()),
+        sorted(at_kill),
+    )
+    messages = [r["message"] for r in server.records()]
+    assert "stopping DBOS" not in messages  # nothing ran on the way out
+    # Every executor id that PENDING workflows (steps, the fan-out, a scheduled run) wait for.
+    pending_on = {
+        row[0]
+        for row in query(
+            pg_url, "SELECT DISTINCT executor_id FROM dbos.workflow_status WHERE status = 'PENDING'"
+        )
+    }
+
+    # One process now, as the Docker image runs it: it claims slot 0 and recovers that
+    # executor's workflows at launch; 5 s later it adopts slot 1, which nobody claimed.
+    with app_server(tmp_path, pg_url, "second") as again:
+        view = wait_done(again, workflow_id, timeout=90)
+    adopted = {
+        r["orphan"] for r in again.records() if r["message"] == "adopted orphaned executor slot"
+    }
+    assert adopted == pending_on - {"shutdown-0"}
+    assert view["result"] == expected(steps, max_n)
+    recovered = [r for r in again.records() if r["message"].startswith("Recovering ")]
+    assert recovered
+    after = children(pg_url, workflow_id)
+    assert sorted(after) == list(range(steps))
+    assert {c["outputs"] for c in after.values()} == {1}  # one recorded output per step
+    runs = ledger(tmp_path, workflow_id)
+    assert set(runs) == set(range(steps)) and max(runs.values()) <= 2
+    # Bodies that ran twice were running at the crash; completed steps ran once.
+    assert {i for i, n in runs.items() if n == 2} <= in_flight
+    assert all(runs[i] == 1 for i, c in at_kill.items() if c["status"] == "SUCCESS")
+
+
+def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_killed_worker(
+    pg_url: str, tmp_path: Path
+) -> None:
+    server = app_server(tmp_path, pg_url, "server", workers=2).start()
+    try:
+        ready = time.monotonic()
+        workers = live_workers(server, 2)
+        assert set(workers) == {"shutdown-0", "shutdown-1"}
+
+        # One fan-out, triggered through one socket: both workers run its steps.
+        steps, max_n = 120, 20
+        first = trigger(server, steps, max_n)
+        assert wait_done(server, first)["result"] == expected(steps, max_n)
+        kids = children(pg_url, first)
+        assert set(Counter(c["executor_id"] for c in kids.values())) == set(workers)
+        assert_queue_limit(kids)
+        # With every worker alive, no step body ran twice.
+        assert ledger(tmp_path, first) == Counter(range(steps))
+
+        # The schedule over at least 15 s of two live workers: each slot ran once.
+        wait_for(
+            lambda: time.monotonic() - ready >= 15 and len(schedule_runs(server.records())) >= 3,
+            30,
+            0.2,
+            "15 s of scheduled runs",
+        )
+        runs = schedule_runs(server.records())
+        slots = Counter(r["scheduled_time"] for r in runs)
+        assert set(slots.values()) == {1}, slots
+        times = sorted(datetime.fromisoformat(s) for s in slots)
+        assert all((b - a).total_seconds() == 5 for a, b in zip(times, times[1:], strict=False))
+        assert {r["pid"] for r in runs} <= set(workers.values())
+
+        # Kill the worker with the most running steps; uvicorn starts a new one, which
+        # claims the freed slot (same executor id) and so recovers exactly that work.
+        steps, max_n = 120, 26
+        second = trigger(server, steps, max_n)
+        running = wait_for(
+            lambda: [
+                c["executor_id"]
+                for c in children(pg_url, second).values()
+                if c["status"] == "PENDING"
+            ],
+            60,
+            0.05,
+            "steps running",
+        )
+        victim = Counter(running).most_common(1)[0][0]
+        os.kill(workers[victim], signal.SIGKILL)
+        at_kill = children(pg_url, second)
+        in_flight = {
+            i for i, c in at_kill.items() if c["status"] == "PENDING" and c["executor_id"] == victim
+        }
+        assert in_flight
+        wait_for(lambda: not alive(workers[victim]), 10, 0.02, "the killed worker to die")
+        replaced = live_workers(server, 2)
+        assert set(replaced) == set(workers)
+        assert replaced[victim] != workers[victim]
+        view = wait_done(server, second)
+        assert view["result"] == expected(steps, max_n)
+        after = children(pg_url, second)
+        assert {c["outputs"] for c in after.values()} == {1}
+        runs2 = ledger(tmp_path, second)
+        assert set(runs2) == set(range(steps)) and max(runs2.values()) <= 2
+        assert {i for i, n in runs2.items() if n == 2} <= in_flight
+    finally:
+        server.close()
+    assert "Traceback" not in server.log_text()
+
+
+def test_graceful_shutdown_of_two_workers_mid_fan_out_stops_all_and_a_restart_finishes_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # More steps than the limit lets run: the queue still holds some when it stops.
+    steps, max_n = 120, 26
+    server = app_server(tmp_path, pg_url, "first", workers=2).start()
+    try:
+        workers = live_workers(server, 2)
+        workflow_id = trigger(server, steps, max_n)
+        wait_for(lambda: children(pg_url, workflow_id), 30, 0.05, "steps to start")
+        answer = server.client.post(
+            "/shutdown", params={"mode": "graceful"}, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        started = time.monotonic()
+        assert answer.status_code == 202
+        assert answer.json()["mode"] == "graceful"
+        # The worker that answered signals the supervisor, which stops every worker;
+        # each runs its lifespan (DBOS.destroy with its bounded wait).
+        assert_clean_stop(server, started, bound=GRACE_SECONDS + 10)
+        assert not any(alive(p) for p in workers.values())
+    finally:
+        server.close()
+    messages = [r["message"] for r in server.records()]
+    assert messages.count("DBOS successfully shut down") == 2
+    at_stop = children(pg_url, workflow_id)
+    parent = query(
+        pg_url,
+        "SELECT status, executor_id FROM dbos.workflow_status WHERE workflow_uuid = %s",
+        workflow_id,
+    )
+    assert parent[0][0] == "PENDING", "the fan-out finished before the stop"
+    unfinished = {i for i, c in at_stop.items() if c["status"] != "SUCCESS"}
+    assert unfinished | (set(range(steps)) - set(at_stop))
+
+    # Two workers again: the stopped ones released their slots, so the same executor
+    # ids come back and each recovers its own PENDING workflows at launch.
+    again = app_server(tmp_path, pg_url, "second", workers=2).start()
+    try:
+        assert set(live_workers(again, 2)) == {"shutdown-0", "shutdown-1"}
+        view = wait_done(again, workflow_id)
+    finally:
+        again.close()
+    assert view["result"] == expected(steps, max_n)
+    assert not [r for r in again.records() if r["message"] == "adopted orphaned executor slot"]
+    after = children(pg_url, workflow_id)
+    assert sorted(after) == list(range(steps))
+    assert {c["outputs"] for c in after.values()} == {1}
+    runs = ledger(tmp_path, workflow_id)
+    assert set(runs) == set(range(steps)) and max(runs.values()) <= 2
+    # Only a step still running when the bounded wait ended runs again.
+    in_flight = {i for i, c in at_stop.items() if c["status"] == "PENDING"}
+    assert {i for i, n in runs.items() if n == 2} <= in_flight
+    assert all(runs[i] == 1 for i, c in at_stop.items() if c["status"] == "SUCCESS")
