@@ -58,9 +58,9 @@ def live_workers(server: AppServer, count: int) -> dict[str, int]:
 def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
     pg_url: str, tmp_path: Path
 ) -> None:
-    # Ten steps of fib(30), ~0.2 s of CPU each and longer while they share a core: they
+    # 40 steps of fib(31), ~0.35 s of CPU each, several seconds of work on 2 cores: some
     # are still running when the crash request gets through a busy worker.
-    steps, max_n = 40, 30
+    steps, max_n = 71, 31
     server = app_server(tmp_path, pg_url, "first", workers=2).start()
     try:
         workers = live_workers(server, 2)
