@@ -117,9 +117,16 @@ def app_name(app: str) -> str:
 
 # --- JSON logging -----------------------------------------------------------
 
-# DBOS decorates its records with these attributes; we report them under our own
-# stable names (or drop them) so every line has the same shape.
-_DBOS_ATTRS = ("applicationID", "applicationVersion", "executorID", "operationUUID")
+# DBOS decorates its records with these attributes (uvicorn adds color_message, with
+# terminal escapes); we report them under our own stable names or drop them, so every
+# line has the same shape.
+_DROPPED_ATTRS = (
+    "applicationID",
+    "applicationVersion",
+    "executorID",
+    "operationUUID",
+    "color_message",
+)
 _app_name: str | None = None
 
 
@@ -137,7 +144,7 @@ class _ContextFilter(logging.Filter):
             record.step_number = step
         if _app_name and not hasattr(record, "app_name"):
             record.app_name = _app_name
-        for attr in _DBOS_ATTRS:
+        for attr in _DROPPED_ATTRS:
             record.__dict__.pop(attr, None)
         return True
 
