@@ -111,6 +111,22 @@ def dbos_config(app: str, **extra: Any) -> dict[str, Any]:
     return config
 
 
+def config_or_exit(app: str, **extra: Any) -> dict[str, Any]:
+    """``dbos_config``, or exit with one error line when the URL is malformed."""
+    try:
+        return dbos_config(app, **extra)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def int_env(name: str, default: int, low: int, high: int) -> int:
+    """A whole-number environment variable in ``[low, high]``, or exit with one line."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        fail(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
 def app_name(app: str) -> str:
     return f"{CONFIG_NAME}-{app}"
 
@@ -313,10 +329,7 @@ def launch_and_resume(
     """
     from dbos import DBOS
 
-    try:
-        config = dbos_config(app) if isinstance(app, str) else app
-    except ConfigError as exc:
-        fail(str(exc))
+    config = config_or_exit(app) if isinstance(app, str) else app
     check_reachable(config["system_database_url"])
     pending = pending_before_launch(config, workflow)
     launch(config)
@@ -339,6 +352,17 @@ def _workflow_name(workflow: Callable[..., Any]) -> str:
 
 
 # --- FastAPI ---
+
+
+async def launch_async(config: dict[str, Any]) -> None:
+    """``check_reachable`` + ``launch`` for a FastAPI lifespan.
+
+    The sync DBOS APIs refuse to run on the event loop: construct and launch on a thread.
+    """
+    import asyncio
+
+    await asyncio.to_thread(check_reachable, config["system_database_url"])
+    await asyncio.to_thread(launch, config)
 
 
 async def workflow_view(workflow_id: str) -> dict[str, Any]:

@@ -161,13 +161,8 @@ tally = Tally("tally")
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    try:
-        config = common.dbos_config(APP)
-    except common.ConfigError as exc:
-        common.fail(str(exc))
-    # The sync DBOS APIs refuse to run on the event loop: construct and launch on a thread.
-    await asyncio.to_thread(common.check_reachable, config["system_database_url"])
-    await asyncio.to_thread(common.launch, config)
+    config = common.config_or_exit(APP)
+    await common.launch_async(config)
     log.info("serving", extra={"database": common.redacted(config["system_database_url"])})
     yield
     await asyncio.to_thread(DBOS.destroy)
@@ -248,12 +243,10 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    port = os.environ.get("PORT", "8000").strip()
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        common.fail(f"PORT must be a TCP port number (1-65535), got {port!r}")
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=int(port), log_config=None)
+    port = common.int_env("PORT", 8000, 1, 65535)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None)
 
 
 if __name__ == "__main__":

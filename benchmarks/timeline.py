@@ -80,8 +80,10 @@ def load(db_url: str, workflow_id: str) -> FanOutRecord:
     end = max((u.completed or u.created) for u in units)
     sched = query(
         db_url,
-        "SELECT COALESCE(started_at_epoch_ms, created_at), executor_id FROM dbos.workflow_status "
-        "WHERE schedule_name IS NOT NULL AND created_at BETWEEN %s AND %s",
+        # Only runs that started: a run still waiting in the queue has no executor yet.
+        "SELECT started_at_epoch_ms, executor_id FROM dbos.workflow_status "
+        "WHERE schedule_name IS NOT NULL AND started_at_epoch_ms IS NOT NULL "
+        "AND created_at BETWEEN %s AND %s",
         int((start - 1) * 1000),
         int((end + 1) * 1000),
     )
@@ -90,7 +92,7 @@ def load(db_url: str, workflow_id: str) -> FanOutRecord:
         created=start,
         completed=int(parent[0][1]) / 1000 if parent[0][1] is not None else None,
         units=units,
-        scheduled=[(int(t) / 1000, x or "?") for t, x in sched],
+        scheduled=[(int(t) / 1000, x) for t, x in sched if x],
     )
 
 
