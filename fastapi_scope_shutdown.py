@@ -335,10 +335,7 @@ def adopt_orphaned_slots(my_slot: int, stop: threading.Event) -> None:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    try:
-        config = common.dbos_config(APP)
-    except common.ConfigError as exc:
-        common.fail(str(exc))
+    config = common.config_or_exit(APP)
     url = config["system_database_url"]
     # The sync DBOS APIs refuse to run on the event loop: these run on threads.
     await asyncio.to_thread(common.check_reachable, url)
@@ -517,22 +514,15 @@ async def shutdown(
 # --- python fastapi_scope_shutdown.py ---------------------------------------
 
 
-def _int_env(name: str, default: int, low: int, high: int) -> int:
-    raw = os.environ.get(name, "").strip() or str(default)
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        common.fail(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
-    return int(raw)
-
-
 def main() -> None:
     host = os.environ.get("HOST", "").strip() or "127.0.0.1"
-    port = _int_env("PORT", 8000, 1, 65535)
+    port = common.int_env("PORT", 8000, 1, 65535)
     try:
         url = common.database_url()
     except common.ConfigError as exc:
         common.fail(str(exc))
     postgres = common.database_kind(url) == "postgres"
-    workers = _int_env("WORKERS", 2 if postgres else 1, 1, MAX_SLOTS)
+    workers = common.int_env("WORKERS", 2 if postgres else 1, 1, MAX_SLOTS)
     if workers > 1 and not postgres:
         common.fail(
             f"WORKERS={workers} needs Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...): "
