@@ -354,6 +354,14 @@ def _workflow_name(workflow: Callable[..., Any]) -> str:
 # --- FastAPI ---
 
 
+def serve(app: Any) -> None:
+    """``python <app>.py``: serve ``app`` on 127.0.0.1, port ``PORT`` (default 8000),
+    with our JSON logging instead of uvicorn's log config."""
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int_env("PORT", 8000, 1, 65535), log_config=None)
+
+
 async def launch_async(config: dict[str, Any]) -> None:
     """``check_reachable`` + ``launch`` for a FastAPI lifespan.
 

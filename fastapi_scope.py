@@ -243,10 +243,7 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    import uvicorn
-
-    port = common.int_env("PORT", 8000, 1, 65535)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None)
+    common.serve(app)
 
 
 if __name__ == "__main__":
