@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -17,22 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-
-# Variables that would leak the caller's configuration into a measured process.
-_SCRUBBED = (
-    "DBOS_SYSTEM_DATABASE_URL",
-    "DBOS__VMID",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "SHUTDOWN_TOKEN",
-    "PORT",
-    "HOST",
-    "WORKERS",
-)
+from tests.helpers import REPO, script_env
 
 _started = time.monotonic()
 
@@ -217,37 +201,7 @@ def _admin(url: str) -> Iterator[Any]:
         conn.close()
 
 
-def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """A read on a system database; ``dbos.<table>`` and ``%s`` work on both backends."""
-    if url.startswith("sqlite"):
-        import sqlite3
-
-        conn = sqlite3.connect(url.split("sqlite:///", 1)[1], timeout=30)
-        try:
-            return conn.execute(sql.replace("dbos.", "").replace("%s", "?"), params).fetchall()
-        finally:
-            conn.close()
-    import psycopg2
-
-    conn = psycopg2.connect(url, connect_timeout=5)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
-
-
 # --- processes --------------------------------------------------------------------
-
-
-def clean_env(db_url: str | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
-    env["PYTHONUNBUFFERED"] = "1"
-    if db_url is not None:
-        env["DBOS_SYSTEM_DATABASE_URL"] = db_url
-    env.update(extra)
-    return env
 
 
 class ProbeError(RuntimeError):
@@ -267,7 +221,7 @@ def run_probe(name: str, db_url: str, params: dict[str, Any], timeout: float = 3
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.probes", name, json.dumps(params), result_path],
             cwd=REPO,
-            env=clean_env(db_url),
+            env=script_env(db_url),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.core import REPO, clean_env, query
+from tests.helpers import REPO, free_port, query, script_env
 
 DEMO_MODULE = "fastapi_scope_shutdown"
 # Row 5's server: the demo's own app with one extra no-op route (benchmarks/http_app.py).
@@ -145,7 +145,7 @@ class Server:
         self.db_url = db_url
         self.workers = workers
         self.app = app
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.token = secrets.token_urlsafe(16)
         self.log_path = log_dir / f"server-{self.port}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -155,7 +155,7 @@ class Server:
 
     def start(self, ready_timeout: float = 120) -> float:
         """Start and wait until /healthz answers; returns the seconds that took."""
-        env = clean_env(
+        env = script_env(
             self.db_url,
             PORT=str(self.port),
             HOST="127.0.0.1",
@@ -267,14 +267,6 @@ class Server:
                 b.append(trigger())
                 a.append(noop())
         return a, b
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- reading the system database ----------------------------------------------------------

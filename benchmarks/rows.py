@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks import demo
-from benchmarks.core import REPO, Databases, Row, clean_env, percentile, progress, run_probe
+from benchmarks.core import REPO, Databases, Row, percentile, progress, run_probe
+from tests.helpers import script_env
 
 
 @dataclass(frozen=True)
@@ -403,7 +404,7 @@ def row_recovery(ctx: Context, kind: str) -> list[Row]:
 def row_startup(ctx: Context, kind: str) -> list[Row]:
     s = ctx.sizes
     url = ctx.fresh_db(kind, "startup")
-    env = clean_env(url)
+    env = script_env(url)
     scope = [sys.executable, "scope.py", "--steps", "1", "--step-seconds", "0"]
     bare = [sys.executable, "-c", "import dbos"]
 

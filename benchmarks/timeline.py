@@ -25,8 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.core import Databases, progress, query
+from benchmarks.core import Databases, progress
 from benchmarks.demo import child_index
+from tests.helpers import query
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Helpers shared by all tests: run a script, serve an app, read the database."""
+"""Helpers shared by the tests and the benchmarks: run a script, serve an app, read
+the database. (Benchmarks import this module as ``tests.helpers``.)"""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ _SCRUBBED = (
     "SHUTDOWN_TOKEN",
     "CREDENTIALS_SECRET",
     "PORT",
+    "HOST",
+    "WORKERS",
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -148,6 +151,15 @@ class AppServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.base_url, timeout=30)
 
+    @classmethod
+    def script(
+        cls, script: str, env: dict[str, str], log_path: Path, port: int | None = None
+    ) -> AppServer:
+        """``python <script>``, serving on the port it reads from ``PORT``."""
+        port = port or free_port()
+        env["PORT"] = str(port)
+        return cls(script, env, log_path, port=port, command=[sys.executable, str(REPO / script)])
+
     def start(self, ready_timeout: float = 60) -> AppServer:
         cmd = self.command or [
             sys.executable,
@@ -237,7 +249,7 @@ def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
             conn.close()
     import psycopg2
 
-    conn = psycopg2.connect(url)
+    conn = psycopg2.connect(url, connect_timeout=5)
     try:
         with conn.cursor() as cur:
             cur.execute(sql, params)

@@ -170,14 +170,7 @@ BAD_PARAMS = [
 def test_python_script_on_sqlite_rejects_bad_parameters_with_422_and_keeps_serving(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    server = AppServer(
-        "fastapi_scope.py",
-        script_env(sqlite_url, PORT=str(port)),
-        tmp_path / "server.log",
-        port=port,
-        command=[sys.executable, str(REPO / "fastapi_scope.py")],
-    )
+    server = AppServer.script("fastapi_scope.py", script_env(sqlite_url), tmp_path / "server.log")
     with server:
         for path, params, name in BAD_PARAMS:
             answer = server.client.post(path, params=params)

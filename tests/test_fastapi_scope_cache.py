@@ -239,13 +239,8 @@ def test_sigkill_mid_run_resumes_get_users_without_describing_users_again(
 def test_python_script_on_sqlite_serves_rejects_bad_parameters_and_keeps_serving(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    server = AppServer(
-        "fastapi_scope_cache.py",
-        script_env(sqlite_url, PORT=str(port)),
-        tmp_path / "server.log",
-        port=port,
-        command=[sys.executable, str(REPO / "fastapi_scope_cache.py")],
+    server = AppServer.script(
+        "fastapi_scope_cache.py", script_env(sqlite_url), tmp_path / "server.log"
     )
     with server:
         for params, name in [

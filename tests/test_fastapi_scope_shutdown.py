@@ -10,7 +10,6 @@ so a test can count how often each body really ran.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -54,9 +53,8 @@ def app_server(
     log = tmp_path / f"{name}.log"
     if workers is None:
         return AppServer("fastapi_scope_shutdown:app", env, log, port=port)
-    server = AppServer("", env, log, port=port, command=[sys.executable, str(SCRIPT)])
-    env.update(PORT=str(server.port), WORKERS=str(workers))
-    return server
+    env["WORKERS"] = str(workers)
+    return AppServer.script(SCRIPT.name, env, log, port=port)
 
 
 def trigger(server: AppServer, steps: int, max_n: int) -> str:
