@@ -9,13 +9,20 @@ the reason, except under ``CI=true`` where that is a failure.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import helpers
 import pgcluster
 import pytest
 from sqlalchemy.engine import make_url
+
+# Tests import these as `helpers`, the benchmarks and the reliability suite as
+# `tests.helpers`: one module object under both names, so they share their state.
+sys.modules.setdefault("tests.helpers", helpers)
+sys.modules.setdefault("tests.pgcluster", pgcluster)
 
 
 def _in_ci() -> bool:
@@ -86,3 +93,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("pg_url")
     return request.getfixturevalue("sqlite_url")
+
+
+@pytest.fixture
+def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[object]:
+    """The reliability suite's context (reliability/core.py), with few trials."""
+    from reliability.core import Context
+
+    ctx = Context(server_url=pg_server, workdir=tmp_path, trials=2, quick=True)
+    try:
+        yield ctx
+    finally:
+        ctx.close()

@@ -3,6 +3,9 @@
     python tests/pgcluster.py start DIR   # prints the server URL
     python tests/pgcluster.py stop DIR
 
+``Cluster`` (for the reliability suite) also stops and starts a cluster again on
+the same port, to take the database away from a running application.
+
 The cluster lives in DIR, listens on 127.0.0.1 on a free port, trusts local
 connections and skips fsync: it is for tests only. ``initdb`` refuses to run as
 root, so as root the cluster is created and run by the ``postgres`` user.
@@ -99,6 +102,7 @@ def start(datadir: Path) -> str:
     )
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     (datadir / "url").write_text(url)
+    (datadir / "options").write_text(options)
     return url
 
 
@@ -113,6 +117,43 @@ def stop(datadir: Path) -> None:
         stderr=subprocess.DEVNULL,
         check=False,
     )
+
+
+def _pg_ctl(datadir: Path, *args: str) -> None:
+    bindir = find_bindir()
+    assert bindir is not None
+    subprocess.run(
+        _as_owner([str(bindir / "pg_ctl"), "-D", str(datadir.resolve() / "data"), *args]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=True,
+    )
+
+
+class Cluster:
+    """A throwaway cluster that can be taken down and brought back on the same port."""
+
+    def __init__(self, datadir: Path) -> None:
+        self.datadir = datadir
+        self.url = start(datadir)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: disconnect every client and shut down cleanly; ``immediate``: like
+        a crash of the server (recovery from the WAL on the next start)."""
+        _pg_ctl(self.datadir, "-m", mode, "-w", "-t", "60", "stop")
+
+    def start(self) -> None:
+        """Start again, same data, same port."""
+        options = (self.datadir.resolve() / "options").read_text()
+        log = str(self.datadir.resolve() / "server.log")
+        _pg_ctl(self.datadir, "-o", options, "-l", log, "-w", "-t", "60", "start")
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    def close(self) -> None:
+        stop(self.datadir)
 
 
 if __name__ == "__main__":
