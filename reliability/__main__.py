@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 failed.append(area)
                 figures.append(Figure(area, "area failed to run", repr(exc)[:200], "runs", False))
-            finally:
-                ctx.close()
     finally:
+        # Only now: the secrets area scans the databases of every area.
+        ctx.close()
         if cluster is not None:
             cluster.close()
         shutil.rmtree(workdir, ignore_errors=True)

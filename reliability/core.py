@@ -93,6 +93,13 @@ class Context:
         self._created.append(name)
         return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
 
+    def databases(self) -> list[str]:
+        """The URLs of the databases ``fresh_db`` made that are still there."""
+        from sqlalchemy.engine import make_url
+
+        base = make_url(self.server_url)
+        return [base.set(database=n).render_as_string(hide_password=False) for n in self._created]
+
     def sqlite_db(self, label: str) -> str:
         return f"sqlite:///{self.workdir / f'{label}-{uuid.uuid4().hex[:6]}.sqlite'}"
 

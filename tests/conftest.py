@@ -62,9 +62,31 @@ def _admin(server_url: str):  # type: ignore[no-untyped-def]
     return conn
 
 
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
+    """After every test: no secret a script was given shows up in a server log, a
+    script's output, or a ``*.log`` file of the test's temporary directory."""
+    helpers.outputs.clear()
+    helpers.log_files.clear()
+    yield
+    files = set(helpers.log_files) | set(tmp_path.rglob("*.log"))
+    leaks = [str(f) for f in sorted(files) if f.is_file() and helpers.secrets_in(f.read_bytes())]
+    leaks += [f"output {n}" for n, text in enumerate(helpers.outputs) if helpers.secrets_in(text)]
+    helpers.outputs.clear()
+    helpers.log_files.clear()
+    assert not leaks, f"a secret reached: {leaks}"
+
+
+def assert_no_secret_in_database(url: str) -> None:
+    leaks = helpers.secrets_in_database(url)
+    # Which tables, never the secret itself.
+    assert not leaks, f"a secret reached the system database, tables: {sorted(leaks)}"
+
+
 @pytest.fixture
 def pg_url(pg_server: str) -> Iterator[str]:
-    """A fresh, empty database on the test server; dropped afterwards."""
+    """A fresh, empty database on the test server; checked for secrets and dropped
+    afterwards."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     conn = _admin(pg_server)
     try:
@@ -73,18 +95,23 @@ def pg_url(pg_server: str) -> Iterator[str]:
     finally:
         conn.close()
     url = make_url(pg_server).set(database=name).render_as_string(hide_password=False)
-    yield url
-    conn = _admin(pg_server)
     try:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield url
+        assert_no_secret_in_database(url)
     finally:
-        conn.close()
+        conn = _admin(pg_server)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            conn.close()
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    yield url
+    assert_no_secret_in_database(url)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

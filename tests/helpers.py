@@ -3,8 +3,11 @@ the database. (Benchmarks import this module as ``tests.helpers``.)"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -48,7 +51,96 @@ def script_env(db_url: str | None = None, **extra: str) -> dict[str, str]:
     if db_url is not None:
         env["DBOS_SYSTEM_DATABASE_URL"] = db_url
     env.update(extra)
+    remember_secrets(env)
     return env
+
+
+# --- secrets ----------------------------------------------------------------------
+#
+# Every secret a test hands a script is remembered here; conftest.py then checks, after
+# every test, that none of them reached a log, a script's output or a system database.
+
+SECRET_VARS = (
+    "SHUTDOWN_TOKEN",
+    "CREDENTIALS_SECRET",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
+known_secrets: set[str] = set()
+# Logs and outputs of the current test, for that check.
+outputs: list[str] = []
+log_files: list[Path] = []
+
+
+def remember_secrets(env: dict[str, str]) -> None:
+    for name in SECRET_VARS:
+        value = env.get(name, "")
+        if len(value) >= 8:  # shorter values would match by accident
+            known_secrets.add(value)
+
+
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
+
+
+def secrets_in(data: str | bytes, secrets: set[str] | None = None) -> set[str]:
+    """The secrets found in ``data``: as they are, or inside a base64 token (DBOS stores
+    pickled inputs and outputs as base64, where a plain search would miss them)."""
+    raw = data.encode() if isinstance(data, str) else data
+    found = set()
+    for secret in secrets if secrets is not None else known_secrets:
+        needles = (secret.encode(), base64.b64encode(secret.encode()).rstrip(b"="))
+        if any(n in raw for n in needles):
+            found.add(secret)
+    if len(found) < len(secrets if secrets is not None else known_secrets):
+        for token in _BASE64.findall(raw):
+            try:
+                decoded = base64.b64decode(token + b"=" * (-len(token) % 4))
+            except (binascii.Error, ValueError):
+                continue
+            found |= {
+                s
+                for s in (secrets if secrets is not None else known_secrets)
+                if s.encode() in decoded
+            }
+    return found
+
+
+def database_dump(url: str) -> Iterator[tuple[str, str]]:
+    """(table, row as text) of every row of every table of the system database."""
+    if url.startswith("sqlite"):
+        path = url.split("sqlite:///", 1)[1]
+        if not Path(path).exists():
+            return
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
+            for table in tables:
+                for row in conn.execute(f'SELECT * FROM "{table}"'):
+                    yield table, repr(row)
+        finally:
+            conn.close()
+        return
+    tables = query(
+        url,
+        "SELECT table_schema, table_name FROM information_schema.tables "
+        "WHERE table_type = 'BASE TABLE' "
+        "AND table_schema NOT IN ('pg_catalog', 'information_schema')",
+    )
+    for schema, table in tables:
+        for (row,) in query(url, f'SELECT t::text FROM "{schema}"."{table}" t'):
+            yield f"{schema}.{table}", row
+
+
+def secrets_in_database(url: str, secrets: set[str] | None = None) -> dict[str, set[str]]:
+    """table -> the secrets found in its rows (empty when the database holds none)."""
+    found: dict[str, set[str]] = {}
+    for table, row in database_dump(url):
+        hits = secrets_in(row, secrets)
+        if hits:
+            found.setdefault(table, set()).update(hits)
+    return found
 
 
 def parse_json_lines(text: str) -> list[dict[str, Any]]:
@@ -92,6 +184,7 @@ def run_script(
     timeout: float = 120,
 ) -> ScriptResult:
     """Run ``python <repo>/<script> args`` and parse its stdout as JSON lines."""
+    remember_secrets(env)
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *args],
         env=env,
@@ -100,6 +193,7 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+    outputs.extend((proc.stdout, proc.stderr))
     return ScriptResult(proc.returncode, proc.stdout, proc.stderr, parse_json_lines(proc.stdout))
 
 
@@ -142,6 +236,8 @@ class AppServer:
     ) -> None:
         self.target = target
         self.env = env
+        remember_secrets(env)
+        log_files.append(log_path)
         self.port = port or free_port()
         self.log_path = log_path
         self.extra_args = args or []
@@ -161,6 +257,7 @@ class AppServer:
         return cls(script, env, log_path, port=port, command=[sys.executable, str(REPO / script)])
 
     def start(self, ready_timeout: float = 60) -> AppServer:
+        remember_secrets(self.env)
         cmd = self.command or [
             sys.executable,
             "-m",
