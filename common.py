@@ -383,7 +383,8 @@ async def workflow_view(workflow_id: str) -> dict[str, Any]:
     from dbos import DBOS
     from fastapi import HTTPException
 
-    status = await DBOS.get_workflow_status_async(workflow_id)
+    # Postgres text cannot hold NUL: no workflow has such an id, and the query would fail (500).
+    status = None if "\x00" in workflow_id else await DBOS.get_workflow_status_async(workflow_id)
     if status is None:
         raise HTTPException(status_code=404, detail=f"no workflow with id {workflow_id!r}")
     view: dict[str, Any] = {"workflow_id": workflow_id, "status": status.status}
