@@ -1,0 +1,103 @@
+"""The load area (reliability/load.py): two bursts of 500 concurrent POST /trigger_async
+against uvicorn fastapi_scope:app on Postgres. Every request is answered 202 (the app
+does not shed load), every accepted workflow ends SUCCESS exactly once (rows, step
+outputs, results and the process's step counter agree), and the second burst does not
+raise the server's memory peak much."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from reliability import load
+from reliability.core import Context, broken
+
+BURST = 500  # the issue's example size
+
+
+@pytest.fixture(scope="module")
+def loaded(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[load.LoadRun]:
+    ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("load"), quick=True)
+    try:
+        yield load.run_load(ctx, [BURST, BURST])
+    finally:
+        ctx.close()
+
+
+def test_every_request_of_both_bursts_is_answered_202_with_a_distinct_workflow_id(
+    loaded: load.LoadRun,
+) -> None:
+    for burst in loaded.bursts:
+        assert burst.statuses == {"202": BURST}
+        assert burst.wrong == [] and burst.unanswered == 0
+        assert burst.started == BURST  # the server's own count of triggers
+    assert len(loaded.accepted) == 2 * BURST
+    assert loaded.duplicate_ids == 0
+
+
+def test_every_accepted_workflow_is_success_and_none_ran_twice(loaded: load.LoadRun) -> None:
+    # Exactly one A.run row per accepted id, no other (nothing started without an answer).
+    assert sorted(loaded.rows) == sorted(loaded.accepted)
+    assert set(loaded.rows.values()) == {"SUCCESS"}
+    assert loaded.lost == [] and loaded.unacknowledged == []
+    # Each workflow recorded step outputs 1..3 once and counted 3 step bodies.
+    assert loaded.bad_outputs == [] and loaded.bad_results == []
+    # The process ran one body per recorded step, one workflow per request.
+    assert loaded.counters["triggers"] == 2 * BURST
+    assert loaded.counters["step_bodies_run"] == 2 * BURST * load.STEPS
+    assert loaded.run_twice == 0
+    assert loaded.tracebacks == 0
+
+
+def test_a_second_burst_of_the_same_size_barely_raises_the_memory_peak(
+    loaded: load.LoadRun,
+) -> None:
+    first, second = loaded.bursts
+    assert 0 < loaded.rss_start_kib <= first.rss_max_kib <= first.hwm_after_kib
+    assert second.hwm_after_kib >= first.hwm_after_kib  # VmHWM never falls
+    growth = load.second_burst_growth_kib(loaded)
+    assert growth is not None and growth <= load.SECOND_BURST_GROWTH_LIMIT_MIB * 1024
+
+
+def test_figures_keep_every_promise(loaded: load.LoadRun) -> None:
+    figures = load.figures(loaded)
+    assert broken(figures) == []
+    names = {f.name for f in figures}
+    assert {
+        "burst 500: answers",
+        "burst 500 #2: answers",
+        "accepted workflows SUCCESS",
+        "workflows or steps run twice",
+        "server RSS peak growth from burst 500 #2",
+    } <= names
+
+
+def test_the_checks_catch_a_wrong_answer_and_a_body_run_twice() -> None:
+    """The detectors themselves: a 503 without Retry-After, a 500 and a missing answer are
+    wrong answers; one step body more than the rows explain is a run twice."""
+    assert load.Answer(503, retry_after="1").correct
+    assert not load.Answer(503).correct
+    assert not load.Answer(500).correct
+    assert not load.Answer(None, error=load.NO_ANSWER).correct
+    burst = load.Burst(
+        size=2,
+        promised=True,
+        answers=[load.Answer(202, "a"), load.Answer(202, "b")],
+        elapsed=1.0,
+        rss_before_kib=1,
+        rss_max_kib=1,
+        threads_max=1,
+        hwm_after_kib=1,
+    )
+    run = load.LoadRun(steps=3, bursts=[burst], rss_start_kib=1)
+    run.rows = {"a": "SUCCESS", "b": "SUCCESS"}
+    run.counters = {"step_bodies_run": 6, "triggers": 2}
+    assert run.run_twice == 0 and run.lost == []
+    run.counters["step_bodies_run"] = 7
+    assert run.run_twice == 1
+    run.counters["step_bodies_run"] = 6
+    run.rows["c"] = "SUCCESS"  # a row no answer and no unanswered request explains
+    assert run.run_twice == 1
+    run.rows = {"a": "SUCCESS", "b": "PENDING"}
+    assert run.lost == ["b"]
