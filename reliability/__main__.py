@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=10, help="crash trials per script")
     parser.add_argument("--quick", action="store_true", help="shorter runs where an area can")
     parser.add_argument(
+        "--seed", type=int, help="repeat a run's random choices (printed with the figures)"
+    )
+    parser.add_argument(
         "--only", metavar="AREAS", help="comma-separated: " + ",".join(a for a, _ in AREAS)
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
@@ -69,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         progress("starting a throwaway Postgres cluster")
         cluster = pgcluster.Cluster(workdir / "server")
         server = cluster.url
-    ctx = Context(server_url=server, workdir=workdir, trials=args.trials, quick=args.quick)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    progress(f"seed {seed} (repeat this run with --seed {seed})")
+    ctx = Context(
+        server_url=server, workdir=workdir, trials=args.trials, quick=args.quick, seed=seed
+    )
     figures: list[Figure] = []
     failed: list[str] = []
     try:
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "trials": args.trials,
+                "seed": seed,
                 "quick": args.quick,
                 "figures": [f.as_json() for f in figures],
             },

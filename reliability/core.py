@@ -75,12 +75,14 @@ def table(figures: list[Figure]) -> str:
 @dataclass
 class Context:
     """What an area needs: a Postgres server to make databases on, a scratch directory,
-    how many trials, and whether this is a short run (the tests, CI)."""
+    how many trials, whether this is a short run (the tests, CI), and a seed that
+    makes a run's random choices repeatable."""
 
     server_url: str
     workdir: Path
     trials: int = 10
     quick: bool = False
+    seed: int | None = None  # random choices (kill moments, fuzzing): None = fresh
     _created: list[str] = field(default_factory=list)
 
     def fresh_db(self, label: str) -> str:
