@@ -236,7 +236,7 @@ def counters() -> dict[str, Any]:
     }
 
 
-@app.get("/workflows/{workflow_id}")
+@app.get("/workflows/{workflow_id}", responses={404: {"description": "no workflow with this id"}})
 async def get_workflow(workflow_id: str) -> dict[str, Any]:
     """Status of any workflow, from the database (also runs from before a restart)."""
     return await common.workflow_view(workflow_id)

@@ -57,6 +57,11 @@ Observe
     - Next start: DBOS recovers the PENDING workflows of its executor id. Steps
       whose output was recorded are not run again; only steps that were running
       at the stop run a second time.
+    - ``GET /healthz`` asks the database (a query on a new connection, at most
+      HEALTH_TIMEOUT_SEC seconds): 200 ``{"status": "ok", ...}`` when it answers,
+      503 ``{"status": "unavailable", "reason": ...}`` (no credentials) when it does
+      not, so a database outage shows as unhealthy instead of a hanging check. DBOS
+      itself waits out an outage: its database calls retry until the server is back.
 
 What it means
     - The seed stopped the server with ``sys.exit(0)`` inside an endpoint. That
@@ -76,6 +81,9 @@ What it means
       worker uvicorn starts after one died, gets the id of the one that stopped
       and recovers exactly its work, and no two live processes ever share an id.
       When a process dies, Postgres drops its connection and the lock with it.
+      A database restart drops it too, while the process lives on: a watchdog
+      notices within a second and takes the lock again once the server is back
+      (and stops the process should another have claimed the slot first).
       Slots nobody claims within 5 s of a process's start (fewer workers than
       last time, or the Docker image's single process after a multi-worker run)
       are orphans: that process recovers their pending work, holding the orphan's
@@ -135,6 +143,7 @@ from typing import Annotated, Any, Literal
 
 from dbos import DBOS
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query
+from fastapi.responses import JSONResponse
 
 import common
 
@@ -161,6 +170,8 @@ MAX_SLOTS = 32
 # pending work is recovered by that process. Until then sibling workers that start
 # at the same time get to claim (and recover) their own slots first.
 ADOPT_AFTER_SEC = 5
+# How often a process checks that its slot lock's database session is still alive.
+SLOT_CHECK_SEC = 1.0
 
 
 def executor_id(slot: int) -> str:
@@ -291,6 +302,48 @@ def release_slot() -> None:
         _slot_holder = None
 
 
+def keep_slot(url: str, slot: int, stop: threading.Event) -> None:
+    """Take the slot's lock again when a database restart ended its session.
+
+    The lock lives as long as its Postgres session, and a restart (or an outage) of the
+    server ends every session: without this, the slot would be free while this process
+    still runs as its executor, and a process starting next would claim it and recover
+    this one's in-flight workflows. Checked every SLOT_CHECK_SEC; once the server is
+    back the lock is taken again on a new connection. Should another process have
+    claimed the slot first, this one stops (SIGTERM): two live processes must never
+    share an executor id.
+    """
+    global _slot_holder
+    while not stop.wait(SLOT_CHECK_SEC):
+        try:
+            with _slot_holder.cursor() as cur:
+                cur.execute("SELECT 1")
+            continue
+        except Exception:  # noqa: BLE001 - the session is gone, and the lock with it
+            pass
+        try:
+            conn = _pg_connect(url)
+        except Exception:  # noqa: BLE001 - still down: try again at the next check
+            continue
+        if not _try_lock(conn, slot):
+            conn.close()
+            log.error(
+                "executor slot taken by another process after a database restart: stopping",
+                extra={"executor_id": executor_id(slot), "pid": os.getpid()},
+            )
+            stop_gracefully()
+            return
+        old, _slot_holder = _slot_holder, conn
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+        log.warning(
+            "executor slot lock taken again after a database restart",
+            extra={"executor_id": executor_id(slot), "pid": os.getpid()},
+        )
+
+
 def adopt_orphaned_slots(my_slot: int, stop: threading.Event) -> None:
     """After ADOPT_AFTER_SEC, recover the pending work of slots no live process holds.
 
@@ -359,6 +412,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             target=adopt_orphaned_slots, args=(slot, stop_adopting), daemon=True
         )
         adopter.start()
+        threading.Thread(target=keep_slot, args=(url, slot, stop_adopting), daemon=True).start()
     log.info(
         "serving",
         extra={"database": common.redacted(url), "executor_id": DBOS.executor_id},
@@ -406,7 +460,12 @@ async def trigger_async(
 @app.get("/workflows/{workflow_id}", responses={404: {"description": "no such fan-out"}})
 async def get_workflow(workflow_id: str) -> dict[str, Any]:
     """Status, progress (finished steps of all steps) and, once done, the result."""
-    found = await DBOS.list_workflows_async(workflow_ids=[workflow_id], load_output=True)
+    # Postgres text cannot hold NUL: no workflow has such an id, and the query would fail (500).
+    found = (
+        []
+        if "\x00" in workflow_id
+        else await DBOS.list_workflows_async(workflow_ids=[workflow_id], load_output=True)
+    )
     if not found or found[0].name != fan_out.__qualname__:
         raise HTTPException(404, f"no fan-out workflow with id {workflow_id!r}")
     wf = found[0]
@@ -426,16 +485,84 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
     return view
 
 
-@app.get("/healthz")
-async def healthz() -> dict[str, Any]:
-    """200 once DBOS has launched (the lifespan finished)."""
+# Below the Docker HEALTHCHECK's 4 s client timeout: the check answers before it gives up.
+HEALTH_TIMEOUT_SEC = 3
+HEALTH_CONNECT_TIMEOUT_SEC = 2
+# The one database check in flight: probes that arrive meanwhile share it, so a server
+# that accepts connections but never answers cannot pile up a thread per probe.
+_db_check: asyncio.Future[str | None] | None = None
+
+
+def _check_database(url: str) -> str | None:
+    """None when the database answers a query, else why not (never the password)."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    try:
+        if common.database_kind(url) == "sqlite":
+            import sqlite3
+
+            # mode=rw: a missing file is an error, not a new empty database; reading
+            # sqlite_master reads the file (SELECT 1 would not).
+            uri = f"{Path(u.database or '').resolve().as_uri()}?mode=rw"
+            conn: Any = sqlite3.connect(uri, uri=True, timeout=HEALTH_CONNECT_TIMEOUT_SEC)
+            sql = "SELECT count(*) FROM sqlite_master"
+        else:
+            import psycopg2
+
+            params: dict[str, Any] = {k: v for k, v in u.query.items() if isinstance(v, str)}
+            # Keep the URL's own server options (e.g. -c synchronous_commit=on), add ours.
+            options = f"{params.get('options', '')} -c statement_timeout=".lstrip()
+            params.update(
+                host=u.host or "localhost",
+                port=u.port or 5432,
+                user=u.username,
+                password=u.password,
+                dbname=u.database,
+                connect_timeout=HEALTH_CONNECT_TIMEOUT_SEC,
+                application_name=f"{common.app_name(APP)}-health",
+                options=f"{options}{HEALTH_CONNECT_TIMEOUT_SEC * 1000}",
+            )
+            conn = psycopg2.connect(**params)
+            sql = "SELECT 1"
+        try:
+            conn.cursor().execute(sql)
+        finally:
+            conn.close()
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if u.password:
+            text = text.replace(u.password, "***")
+        return f"database unreachable: {text}"
+
+
+@app.get(
+    "/healthz",
+    responses={503: {"description": "the system database does not answer; the reason"}},
+)
+async def healthz() -> Any:
+    """200 when the system database answers (DBOS has launched: the lifespan finished),
+    503 with the reason when it does not answer within HEALTH_TIMEOUT_SEC."""
+    global _db_check
     url = common.database_url()
-    return {
+    body: dict[str, Any] = {
         "status": "ok",
         "executor_id": DBOS.executor_id,
         "database": common.database_kind(url),
         "pid": os.getpid(),
     }
+    if _db_check is None or _db_check.done():
+        _db_check = asyncio.ensure_future(asyncio.to_thread(_check_database, url))
+    try:
+        problem = await asyncio.wait_for(asyncio.shield(_db_check), HEALTH_TIMEOUT_SEC)
+    except TimeoutError:
+        problem = f"database unreachable: no answer within {HEALTH_TIMEOUT_SEC} s"
+    if problem is None:
+        return body
+    return JSONResponse({**body, "status": "unavailable", "reason": problem}, status_code=503)
 
 
 def _master_pid() -> int | None:

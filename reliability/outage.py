@@ -1,0 +1,801 @@
+"""Outage: the system database restarts or goes away under a running service.
+
+What it measures
+    ``fastapi_scope_shutdown.py`` on a private Postgres cluster (``ctx.own_cluster()``,
+    stopped and started with ``pg_ctl`` on the same port) while a fan-out runs and the
+    5-second schedule fires. Does the app keep answering, does ``/healthz`` report the
+    outage, and once the database is back does every workflow finish, the schedule
+    resume, and nothing recorded get lost or run twice? Scenarios (one service runs them
+    one after another; ``ctx.quick``, the tests, runs the first three):
+
+    restart (fast)        ``pg_ctl stop -m fast`` then start, while steps run: the server
+                          ends every session, checkpoints and comes back at once.
+    restart (immediate)   ``-m immediate``: the server dies like a crash and replays its
+                          WAL on start. The app's URL asks for ``synchronous_commit=on``
+                          (the test cluster's default is off), so every commit DBOS was
+                          told about is in the WAL.
+    outage 8 s            stopped for OUTAGE_SECONDS, more than one schedule slot.
+    outage 30 s           longer: DBOS's retry backoff grows with the outage.
+    outage 8 s, 2 workers ``WORKERS=2 python fastapi_scope_shutdown.py``.
+
+    Single-process scenarios use ``uvicorn fastapi_scope_shutdown:app`` (the Docker
+    image's command).
+
+How
+    Before the stop: trigger a fan-out (STEPS steps of ``fib(min(i, MAX_N))``), wait
+    until some steps have recorded their output and a big one is running, and snapshot
+    every SUCCESS row of ``workflow_status`` and every ``operation_outputs`` row. While
+    the database is down: probe ``/healthz`` and ``/openapi.json`` every half second
+    (client timeout 10 s) and send one ``GET /workflows/{id}``. After the start: wait
+    for ``/healthz`` to say 200, for the fan-out to finish and for a schedule slot later
+    than the start to run, then compare with the snapshot. Step bodies append to a ledger
+    file (FIB_LEDGER), so re-runs are counted outside DBOS. The database URL carries a
+    password (trust authentication ignores it): it must show up in no answer and no log.
+
+Figures (per scenario)
+    health answered while down   every probe got an answer (none hung) and /healthz said
+                                 503 with a reason; the note has the slowest probe.
+    GET /workflows/{id} ...      info: how long a request that reads the database waited.
+    fan-out finished, result     the fan-out reached SUCCESS with the right numbers.
+    workflows left unfinished    workflows created before the start still PENDING or
+                                 ENQUEUED a minute later (children, schedule runs): 0.
+    duplicate step outputs       extra ``fib_step`` outputs (the note: missing ones).
+    bodies re-run, not in flight bodies that ran twice although they had not started, or
+                                 had recorded their output, before the stop: 0.
+    bodies re-run, in flight     info: re-runs among the steps running at the stop.
+    schedule slots after recovery  slots later than the start that ran (>= 1: resumed);
+                                 the note counts the slots inside the outage (run late).
+    schedule slots skipped / run twice   info, over the server's whole log.
+    recorded rows lost or changed  snapshot rows missing or different afterwards: 0.
+    process restarts             no process claimed an executor slot again, the server
+                                 still runs (and, one process, has the same pid).
+    DB back -> health 200, DB back -> fan-out finished   info, seconds.
+    executor slot lock held      the app's own promise: its executor-slot advisory lock
+                                 lives as long as the process (fastapi_scope_shutdown.py).
+    DBOS warnings while down     info: log lines per second of outage.
+    password in answers or log   0.
+    Per service, after its scenarios: the executor id a second process started on the
+    same database claims; it must be a free one, not one still in use.
+
+What DBOS 3.4 does (``dbos/_sys_db.py`` ``db_retry``, ``_queue.py``, ``_scheduler.py``)
+    Every system-database call of a workflow or step goes through ``db_retry``: on a
+    connection error it logs a warning, sleeps (1 s doubling up to 60 s, times 0.5-1.5
+    jitter) and tries again, with no deadline. So a running step finishes its body and
+    records the output once the server is back (no re-run), the fan-out's result polling
+    waits, and an HTTP request that reads the database waits as long as the outage lasts
+    plus up to one backoff: recovery lags the database by up to about the outage's
+    length again (at most 90 s). The queue and schedule pollers catch their errors, log
+    and poll again; a schedule thread blocked at a slot fires it late, then catches up on
+    the slots it missed, one by one, so no slot is lost. The pool pre-pings and replaces
+    dead connections; the notification listener reconnects.
+
+What the app had to learn
+    Its executor-slot lock is a session-level advisory lock on one psycopg2 connection.
+    A restart ends that session and the lock with it. Before the app's watchdog
+    (``keep_slot``) took the lock again, a process started afterwards claimed
+    ``shutdown-0`` although the first process still ran as ``shutdown-0`` (and would
+    have recovered its PENDING workflows at launch): the figure "executor slot lock held
+    after DB back" and ``test_a_database_restart_keeps_the_executor_slot_taken`` found it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from reliability.core import Context, Figure, admin, info, progress, promise
+from tests import pgcluster
+from tests.helpers import AppServer, query, script_env
+
+AREA = "outage"
+STEPS, MAX_N = 50, 30  # several seconds of CPU in one process: steps are in flight at the stop
+BIG_N = 27  # the stop waits until a step of at least fib(BIG_N) runs
+OUTAGE_SECONDS = 8  # longer than one 5-second schedule slot
+LONG_OUTAGE_SECONDS = 30
+PROBE_TIMEOUT = 10.0  # "answered, not hung"; /healthz itself gives up after 3 s
+PROBE_INTERVAL = 0.5
+RECOVERY_TIMEOUT = 180.0  # db_retry's backoff is capped at 60 s (90 s with jitter)
+# application_name of the connection holding fastapi_scope_shutdown's executor-slot lock.
+SLOT_CONNECTION = "experiment6-shutdown-slot"
+SCHEDULE_SECONDS = 5  # fastapi_scope_shutdown's schedule: every 5 seconds
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    mode: str  # pg_ctl stop mode
+    down_seconds: float  # how long the server stays down (0: restart at once)
+    workers: int = 1  # 1: uvicorn fastapi_scope_shutdown:app; more: python ... with WORKERS
+
+    @property
+    def label(self) -> str:
+        what = f"outage {self.down_seconds:g} s" if self.down_seconds else f"restart ({self.mode})"
+        return what if self.workers == 1 else f"{what}, {self.workers} workers"
+
+
+SCENARIOS = {
+    "restart-fast": Scenario("restart-fast", "fast", 0),
+    "restart-immediate": Scenario("restart-immediate", "immediate", 0),
+    "outage": Scenario("outage", "fast", OUTAGE_SECONDS),
+    # The backoff grows with the outage: recovery lags the database by more.
+    "outage-long": Scenario("outage-long", "fast", LONG_OUTAGE_SECONDS),
+    "outage-workers": Scenario("outage-workers", "fast", OUTAGE_SECONDS, workers=2),
+}
+# The tests (ctx.quick): one process, the three kinds of going away.
+QUICK = ("restart-fast", "restart-immediate", "outage")
+
+
+@dataclass
+class Probe:
+    path: str
+    at: float  # seconds after the database went down
+    seconds: float
+    status: int | None  # None: no answer within the client timeout (or no connection)
+    body: Any = None
+
+
+@dataclass
+class Service:
+    cluster: pgcluster.Cluster
+    db_url: str
+    password: str
+    server: AppServer
+    workdir: Path
+    workers: int = 1
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.workdir / "ledger.txt"
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    workflow_id: str
+    down_for: float = 0.0  # seconds the database was really unreachable
+    probes: list[Probe] = field(default_factory=list)  # while down
+    status_probe: Probe | None = None  # GET /workflows/{id}, sent while down
+    status_probe_after_up: float | None = None  # when it answered, relative to the start
+    health_back_after: float | None = None
+    done_after: float | None = None  # DB back -> fan-out SUCCESS
+    final: dict[str, Any] | None = None
+    expected: list[int] = field(default_factory=list)
+    outputs: dict[int, int] = field(default_factory=dict)  # step index -> fib_step outputs
+    ledger: Counter[int] = field(default_factory=Counter)  # step index -> body runs
+    in_flight: set[int] = field(default_factory=set)  # started, not recorded at the stop
+    pid_before: int | None = None
+    pid_after: int | None = None
+    alive: bool = False  # the server (the supervisor with several workers) still runs
+    restarts: int = 0  # processes that claimed an executor slot after the scenario began
+    schedule_after: list[str] = field(default_factory=list)  # slots after the start, run
+    schedule_during: list[str] = field(default_factory=list)  # slots inside the outage, run
+    # Over the whole log so far: slots between the first and the last run that never ran,
+    # and slots that ran more than once.
+    slots_skipped: list[str] = field(default_factory=list)
+    slots_twice: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)  # started before DB back, not done
+    snapshot_rows: int = 0
+    lost: list[str] = field(default_factory=list)
+    slot_locks_expected: int = 1  # one per process
+    slot_locks_before: int = 0
+    slot_locks_after: int = 0
+    warnings_while_down: int = 0
+    leaks: list[str] = field(default_factory=list)  # where the password showed up
+
+    @property
+    def health_probes(self) -> list[Probe]:
+        return [p for p in self.probes if p.path == "/healthz"]
+
+    @property
+    def all_answered(self) -> bool:
+        return bool(self.probes) and all(p.status is not None for p in self.probes)
+
+    @property
+    def health_reported_outage(self) -> bool:
+        """Every /healthz probe while down said 503 with a reason."""
+        return bool(self.health_probes) and all(
+            p.status == 503
+            and isinstance(p.body, dict)
+            and str(p.body.get("reason", "")).startswith("database unreachable")
+            for p in self.health_probes
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None and self.final.get("status") == "SUCCESS"
+
+    @property
+    def result_correct(self) -> bool:
+        return self.finished and self.final is not None and self.final["result"] == self.expected
+
+    @property
+    def duplicate_outputs(self) -> int:
+        return sum(max(0, n - 1) for n in self.outputs.values())
+
+    @property
+    def missing_outputs(self) -> int:
+        return sum(1 for i in range(len(self.expected)) if self.outputs.get(i, 0) == 0)
+
+    @property
+    def reruns_not_in_flight(self) -> list[int]:
+        return sorted(i for i, n in self.ledger.items() if n > 1 and i not in self.in_flight)
+
+    @property
+    def reruns_in_flight(self) -> list[int]:
+        return sorted(i for i, n in self.ledger.items() if n > 1 and i in self.in_flight)
+
+
+# --- reading the database, the log and the ledger --------------------------------------
+
+
+def fib(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def expected_result(steps: int, max_n: int) -> list[int]:
+    return [fib(min(i, max_n)) for i in range(steps)]
+
+
+def step_outputs(db_url: str, parent: str) -> dict[int, int]:
+    """Step index -> how many ``fib_step`` outputs its child workflow recorded."""
+    rows = query(
+        db_url,
+        "SELECT w.workflow_uuid, count(o.function_id) FROM dbos.workflow_status w "
+        "LEFT JOIN dbos.operation_outputs o ON o.workflow_uuid = w.workflow_uuid "
+        "AND o.function_name = 'fib_step' WHERE w.parent_workflow_id = %s GROUP BY 1",
+        parent,
+    )
+    return {int(wf.rsplit("-", 1)[1]) - 1: int(n) for wf, n in rows}
+
+
+def ledger_runs(path: Path, parent: str) -> Counter[int]:
+    """Step index -> how often its body ran (lines ``<index> <pid> <workflow_id>``)."""
+    runs: Counter[int] = Counter()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        index, _pid, wf_id = line.split()
+        if wf_id.startswith(parent + "-"):
+            runs[int(index)] += 1
+    return runs
+
+
+def recorded_rows(db_url: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """Everything DBOS has recorded as done: SUCCESS workflows and step outputs."""
+    rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for wf, status, output in query(
+        db_url,
+        "SELECT workflow_uuid, status, output FROM dbos.workflow_status WHERE status = 'SUCCESS'",
+    ):
+        rows[("workflow", wf)] = (status, output)
+    for wf, fid, name, output, error in query(
+        db_url,
+        "SELECT workflow_uuid, function_id, function_name, output, error "
+        "FROM dbos.operation_outputs",
+    ):
+        rows[("step", wf, fid)] = (name, output, error)
+    return rows
+
+
+def unfinished_workflows(db_url: str, before_ms: int) -> list[str]:
+    """Workflows created before ``before_ms`` (epoch ms) that are still PENDING or ENQUEUED."""
+    rows = query(
+        db_url,
+        "SELECT workflow_uuid FROM dbos.workflow_status "
+        "WHERE status IN ('PENDING', 'ENQUEUED') AND created_at < %s ORDER BY created_at",
+        before_ms,
+    )
+    return [wf for (wf,) in rows]
+
+
+def slot_locks(db_url: str) -> int:
+    """Executor-slot locks held: advisory locks of the app's slot connection (DBOS takes
+    advisory locks of its own, on other connections)."""
+    rows = query(
+        db_url,
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = %s",
+        SLOT_CONNECTION,
+    )
+    return int(rows[0][0])
+
+
+def when(record: dict[str, Any], key: str = "timestamp") -> datetime:
+    return datetime.fromisoformat(record[key])
+
+
+def scheduled_slots(records: list[dict[str, Any]]) -> list[datetime]:
+    return [when(r, "scheduled_time") for r in records if r.get("message") == "scheduled workflow"]
+
+
+def slot_gaps(slots: list[datetime]) -> tuple[list[datetime], list[datetime]]:
+    """(slots from the first to the last that never ran, slots that ran more than once)."""
+    if not slots:
+        return [], []
+    seen = Counter(slots)
+    first, last = min(seen), max(seen)
+    skipped = []
+    slot = first
+    while slot < last:
+        slot += timedelta(seconds=SCHEDULE_SECONDS)
+        if slot not in seen:
+            skipped.append(slot)
+    return skipped, sorted(s for s, n in seen.items() if n > 1)
+
+
+# --- probing ---------------------------------------------------------------------------
+
+
+def probe(client: httpx.Client, path: str, since: float, timeout: float = PROBE_TIMEOUT) -> Probe:
+    started = time.monotonic()
+    try:
+        answer = client.get(path, timeout=timeout)
+    except httpx.HTTPError:
+        return Probe(path, started - since, time.monotonic() - started, None)
+    try:
+        body: Any = answer.json()
+    except ValueError:
+        body = answer.text
+    if path == "/openapi.json":
+        body = None  # large and uninteresting
+    return Probe(path, started - since, time.monotonic() - started, answer.status_code, body)
+
+
+def until(predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    """Like ``wait_for``, but a timeout is an observation (None), not an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (httpx.HTTPError, OSError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+
+
+# --- the service and the scenarios ------------------------------------------------------
+
+
+@contextmanager
+def serve(ctx: Context, workers: int = 1) -> Iterator[Service]:
+    """The app on a new database of a private cluster."""
+    with ctx.own_cluster() as cluster, app_on(ctx, cluster, workers) as service:
+        yield service
+
+
+@contextmanager
+def app_on(ctx: Context, cluster: pgcluster.Cluster, workers: int = 1) -> Iterator[Service]:
+    from sqlalchemy.engine import make_url
+
+    name = f"outage_{uuid.uuid4().hex[:8]}"
+    with admin(cluster.url) as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    # Trust authentication ignores the password; it stands for a real one that must never
+    # be shown. synchronous_commit=on: a commit DBOS saw survives an immediate stop.
+    password = f"outage-pw-{uuid.uuid4().hex[:12]}"
+    db_url = (
+        make_url(cluster.url)
+        .set(database=name, password=password, query={"options": "-csynchronous_commit=on"})
+        .render_as_string(hide_password=False)
+    )
+    workdir = ctx.scratch("outage")
+    env = script_env(db_url, FIB_LEDGER=str(workdir / "ledger.txt"))
+    log = workdir / "server.log"
+    if workers == 1:
+        server = AppServer("fastapi_scope_shutdown:app", env, log)
+    else:
+        env["WORKERS"] = str(workers)
+        server = AppServer.script("fastapi_scope_shutdown.py", env, log)
+    try:
+        server.start(ready_timeout=120)
+        if until(lambda: len(claims(server.records())) >= workers, 120) is None:
+            raise RuntimeError(f"{workers} workers did not all claim an executor slot")
+        yield Service(cluster, db_url, password, server, workdir, workers)
+    finally:
+        server.close()
+
+
+def claims(records: list[dict[str, Any]]) -> list[str]:
+    """Executor ids of the "executor slot claimed" lines, in order."""
+    return [r["executor_id"] for r in records if r.get("message") == "executor slot claimed"]
+
+
+def reachable(cluster: pgcluster.Cluster) -> bool:
+    try:
+        with admin(cluster.url) as cur:
+            cur.execute("SELECT 1")
+        return True
+    except Exception:  # noqa: BLE001 - any failure: not reachable
+        return False
+
+
+def _pg_ctl_failure(cluster: pgcluster.Cluster, what: str, exc: Exception) -> str:
+    stderr = getattr(exc, "stderr", None) or b""
+    detail = stderr.decode(errors="replace").strip() if isinstance(stderr, bytes) else stderr
+    log = cluster.datadir / "server.log"
+    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+    return f"{what} failed: {detail or exc}; server log: {' | '.join(tail)}"
+
+
+def take_down(cluster: pgcluster.Cluster, mode: str) -> None:
+    """``pg_ctl stop -m mode``; on a loaded machine pg_ctl itself can fail, so a failed
+    stop counts if the server no longer answers, and is tried once more if it does."""
+    for attempt in (1, 2):
+        try:
+            cluster.stop(mode)
+            return
+        except subprocess.CalledProcessError as exc:
+            message = _pg_ctl_failure(cluster, f"pg_ctl stop -m {mode}", exc)
+            progress(message)
+            if not reachable(cluster):
+                return
+            if attempt == 2:
+                raise RuntimeError(message) from exc
+            time.sleep(1)
+
+
+def bring_back(cluster: pgcluster.Cluster) -> None:
+    """``pg_ctl start``, once more if it failed and the server does not answer."""
+    for attempt in (1, 2):
+        try:
+            cluster.start()
+            return
+        except subprocess.CalledProcessError as exc:
+            message = _pg_ctl_failure(cluster, "pg_ctl start", exc)
+            progress(message)
+            if until(lambda: reachable(cluster), 10, 0.5):
+                return
+            if attempt == 2:
+                raise RuntimeError(message) from exc
+            time.sleep(1)
+
+
+def trigger(service: Service, steps: int, max_n: int) -> str:
+    answer = service.server.client.post(
+        "/trigger_async", params={"steps": steps, "max_n": max_n}, timeout=30
+    )
+    answer.raise_for_status()
+    return str(answer.json()["workflow_id"])
+
+
+def fan_out_view(service: Service, workflow_id: str) -> dict[str, Any] | None:
+    answer = service.server.client.get(f"/workflows/{workflow_id}", timeout=30)
+    return answer.json() if answer.status_code == 200 else None
+
+
+def run_scenario(
+    service: Service, scenario: Scenario, steps: int = STEPS, max_n: int = MAX_N
+) -> ScenarioResult:
+    """Take the database away mid fan-out, bring it back, and record what happened."""
+    server, db_url = service.server, service.db_url
+    client = server.client
+    progress(f"outage: {scenario.label}")
+    pid_before = client.get("/healthz", timeout=30).json()["pid"]
+    workflow_id = trigger(service, steps, max_n)
+    result = ScenarioResult(scenario, workflow_id, expected=expected_result(steps, max_n))
+    result.pid_before = pid_before
+    result.slot_locks_expected = service.workers
+    result.slot_locks_before = slot_locks(db_url)
+
+    def big_steps_running() -> bool:
+        # Small steps start and finish within milliseconds; a big one (fib of BIG_N or
+        # more, seconds of wall time next to its peers) is surely still running at the stop.
+        done = {i for i, n in step_outputs(db_url, workflow_id).items() if n > 0}
+        started = set(ledger_runs(service.ledger_path, workflow_id))
+        return len(done) >= 3 and any(i >= BIG_N for i in started - done)
+
+    if until(big_steps_running, 120, 0.05) is None:
+        raise RuntimeError(f"fan-out {workflow_id} never had steps in flight")
+    snapshot = recorded_rows(db_url)
+    recorded = {
+        int(key[1].rsplit("-", 1)[1]) - 1
+        for key in snapshot
+        if key[0] == "step" and key[1].startswith(workflow_id + "-")
+    }
+    first_log_line = len(server.log_text().splitlines())
+
+    down_wall = datetime.now(UTC)
+    t_down = time.monotonic()
+    take_down(service.cluster, scenario.mode)
+    # Nothing can start a body while the database is down: a step reads its recorded
+    # output first. So these are the bodies that may legitimately run twice.
+    result.in_flight = set(ledger_runs(service.ledger_path, workflow_id)) - recorded
+
+    status_probe: list[Probe] = []
+    answered_at: list[float] = []
+
+    def ask_status() -> None:
+        status_probe.append(
+            probe(client, f"/workflows/{workflow_id}", t_down, RECOVERY_TIMEOUT + 60)
+        )
+        answered_at.append(time.monotonic())
+
+    asker = None
+    if scenario.down_seconds:
+        asker = threading.Thread(target=ask_status, daemon=True)
+        asker.start()
+    while True:
+        for path in ("/healthz", "/openapi.json"):
+            result.probes.append(probe(client, path, t_down))
+        if time.monotonic() - t_down >= scenario.down_seconds:
+            break
+        time.sleep(PROBE_INTERVAL)
+    bring_back(service.cluster)
+    up_wall = datetime.now(UTC)
+    up_ms = int(time.time() * 1000)
+    t_up = time.monotonic()
+    result.down_for = t_up - t_down
+
+    healthy = until(lambda: probe(client, "/healthz", t_down).status == 200, 120)
+    result.health_back_after = time.monotonic() - t_up if healthy else None
+    final = until(
+        lambda: (
+            (view := fan_out_view(service, workflow_id)) and view["status"] == "SUCCESS" and view
+        ),
+        RECOVERY_TIMEOUT,
+        0.3,
+    )
+    result.done_after = time.monotonic() - t_up if final else None
+    result.final = final or fan_out_view_or_none(service, workflow_id)
+    if asker is not None:
+        asker.join(timeout=RECOVERY_TIMEOUT + 90)
+        result.status_probe = status_probe[0] if status_probe else None
+        if answered_at:
+            result.status_probe_after_up = answered_at[0] - t_up
+
+    # A slot scheduled after the start ran: the schedule resumed (5 s slots, plus the
+    # backoff a schedule thread blocked during the outage may still sleep).
+    def slots_after() -> list[datetime]:
+        return [s for s in scheduled_slots(server.records()) if s >= up_wall]
+
+    until(slots_after, 90, 0.3)
+    slots = scheduled_slots(server.records())
+    result.schedule_after = [s.isoformat() for s in slots if s >= up_wall]
+    result.schedule_during = [s.isoformat() for s in slots if down_wall <= s < up_wall]
+    skipped, twice = slot_gaps(slots)
+    result.slots_skipped = [s.isoformat() for s in skipped]
+    result.slots_twice = [s.isoformat() for s in twice]
+
+    # Every workflow that existed when the database came back finishes (the schedule's
+    # late slots included); a short wait for the ones still running.
+    until(lambda: not unfinished_workflows(db_url, up_ms), 60, 0.5)
+    result.unfinished = unfinished_workflows(db_url, up_ms)
+    result.outputs = step_outputs(db_url, workflow_id)
+    result.ledger = ledger_runs(service.ledger_path, workflow_id)
+    after = recorded_rows(db_url)
+    result.snapshot_rows = len(snapshot)
+    result.lost = [repr(k) for k, v in snapshot.items() if after.get(k) != v]
+    result.slot_locks_after = slot_locks(db_url)
+    health = until(lambda: (p := probe(client, "/healthz", t_down)).status == 200 and p, 30)
+    result.pid_after = health.body["pid"] if health else None
+    result.alive = server.proc is not None and server.proc.poll() is None
+    result.restarts = len(claims(server.records()[first_log_line:]))
+
+    records = server.records()[first_log_line:]
+    result.warnings_while_down = sum(
+        r.get("severity") == "WARNING" and down_wall <= when(r) < up_wall
+        for r in records
+        if "timestamp" in r
+    )
+    answers = [repr(p.body) for p in result.probes]
+    if result.status_probe is not None:
+        answers.append(repr(result.status_probe.body))
+    result.leaks = [f"answer {i}" for i, a in enumerate(answers) if service.password in a]
+    if service.password in server.log_text():
+        result.leaks.append("server log")
+    progress(
+        f"outage: {scenario.label}: down {result.down_for:.1f} s, "
+        f"done {result.done_after if result.done_after is None else round(result.done_after, 1)} "
+        f"s after, schedule after {len(result.schedule_after)}"
+    )
+    return result
+
+
+def fan_out_view_or_none(service: Service, workflow_id: str) -> dict[str, Any] | None:
+    try:
+        return fan_out_view(service, workflow_id)
+    except httpx.HTTPError:
+        return None
+
+
+def second_process_executor(service: Service) -> str | None:
+    """Start another process on the same database: which executor id does it claim?"""
+    env = {k: v for k, v in service.server.env.items() if k not in ("WORKERS", "PORT")}
+    server = AppServer("fastapi_scope_shutdown:app", env, service.workdir / "second.log")
+    try:
+        server.start(ready_timeout=120)
+        return str(server.client.get("/healthz", timeout=30).json()["executor_id"])
+    finally:
+        server.close()
+
+
+# --- figures ----------------------------------------------------------------------------
+
+
+def scenario_figures(r: ScenarioResult) -> list[Figure]:
+    label = r.scenario.label
+    health = r.health_probes
+    slowest = max((p.seconds for p in r.probes), default=0.0)
+    figures = [
+        promise(
+            AREA,
+            f"{label}: health answered while down",
+            f"{sum(p.status is not None for p in r.probes)}/{len(r.probes)} answered, "
+            f"/healthz 503: {sum(p.status == 503 for p in health)}/{len(health)}",
+            r.all_answered and r.health_reported_outage,
+            "every probe; /healthz 503",
+            f"slowest {slowest:.2f} s; down {r.down_for:.1f} s",
+        ),
+    ]
+    if r.status_probe is not None:
+        after = r.status_probe_after_up
+        figures.append(
+            info(
+                AREA,
+                f"{label}: GET /workflows/{{id}} sent while down",
+                f"{r.status_probe.status} after {r.status_probe.seconds:.1f} s",
+                "DBOS retries until the database is back"
+                + (f"; answered {after:.1f} s after the start" if after is not None else ""),
+            )
+        )
+    figures += [
+        promise(
+            AREA,
+            f"{label}: fan-out finished after DB back",
+            "yes" if r.finished else f"no ({(r.final or {}).get('status')})",
+            r.finished,
+            "yes",
+        ),
+        promise(AREA, f"{label}: result correct", r.result_correct, r.result_correct, "True"),
+        promise(
+            AREA,
+            f"{label}: workflows left unfinished",
+            len(r.unfinished),
+            not r.unfinished,
+            "0",
+            ", ".join(r.unfinished[:3]),
+        ),
+        promise(
+            AREA,
+            f"{label}: duplicate step outputs",
+            r.duplicate_outputs,
+            r.duplicate_outputs == 0 and r.missing_outputs == 0,
+            "0",
+            f"steps without output: {r.missing_outputs}",
+        ),
+        promise(
+            AREA,
+            f"{label}: bodies re-run, not in flight",
+            len(r.reruns_not_in_flight),
+            not r.reruns_not_in_flight,
+            "0",
+            f"steps {r.reruns_not_in_flight}" if r.reruns_not_in_flight else "",
+        ),
+        info(
+            AREA,
+            f"{label}: bodies re-run, in flight",
+            f"{len(r.reruns_in_flight)} of {len(r.in_flight)}",
+        ),
+        promise(
+            AREA,
+            f"{label}: schedule slots after recovery",
+            len(r.schedule_after),
+            len(r.schedule_after) >= 1,
+            ">= 1 (resumed)",
+            f"slots inside the outage run late: {len(r.schedule_during)}",
+        ),
+        info(
+            AREA,
+            f"{label}: schedule slots skipped / run twice",
+            f"{len(r.slots_skipped)} / {len(r.slots_twice)}",
+            "since the server started; missed slots are caught up one by one",
+        ),
+        promise(
+            AREA,
+            f"{label}: recorded rows lost or changed",
+            f"{len(r.lost)} of {r.snapshot_rows}",
+            not r.lost,
+            "0",
+        ),
+        promise(
+            AREA,
+            f"{label}: process restarts",
+            r.restarts if r.alive else f"{r.restarts}, server exited",
+            r.alive and r.restarts == 0,
+            "0",
+            f"pid {r.pid_before} -> {r.pid_after}" if r.scenario.workers == 1 else "",
+        ),
+        info(AREA, f"{label}: DB back -> health 200", _seconds(r.health_back_after)),
+        info(AREA, f"{label}: DB back -> fan-out finished", _seconds(r.done_after)),
+        promise(
+            AREA,
+            f"{label}: executor slot lock held after DB back",
+            f"{r.slot_locks_after} (before the stop: {r.slot_locks_before})",
+            r.slot_locks_after == r.slot_locks_expected,
+            f"{r.slot_locks_expected}: held for the life of the process",
+            "the lock's session dies with the server; nothing takes it again",
+        ),
+        info(
+            AREA,
+            f"{label}: DBOS warnings while down",
+            f"{r.warnings_while_down / max(r.down_for, 0.1):.0f}/s",
+            f"{r.warnings_while_down} lines in {r.down_for:.1f} s",
+        ),
+        promise(AREA, f"{label}: password in answers or log", len(r.leaks), not r.leaks, "0"),
+    ]
+    return figures
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
+@dataclass
+class ServiceRun:
+    """The scenarios run on one service, and who claims a slot after them."""
+
+    workers: int
+    results: list[ScenarioResult]
+    in_use: list[str]  # executor ids the service's processes claimed
+    second: str | None  # the executor id a process started afterwards claimed
+
+
+def run_service(ctx: Context, scenarios: list[Scenario]) -> ServiceRun:
+    """The scenarios one after another on one service; then a second process."""
+    workers = scenarios[0].workers
+    results = []
+    with serve(ctx, workers) as service:
+        for scenario in scenarios:
+            results.append(run_scenario(service, scenario))
+        in_use = sorted(set(claims(service.server.records())))
+        second = second_process_executor(service)
+    return ServiceRun(workers, results, in_use, second)
+
+
+def run_all(ctx: Context, names: tuple[str, ...]) -> list[ServiceRun]:
+    chosen = [SCENARIOS[n] for n in names]
+    return [
+        run_service(ctx, [s for s in chosen if s.workers == workers])
+        for workers in sorted({s.workers for s in chosen})
+    ]
+
+
+def service_figures(run: ServiceRun) -> list[Figure]:
+    figures: list[Figure] = []
+    for r in run.results:
+        figures += scenario_figures(r)
+    where = "one process" if run.workers == 1 else f"{run.workers} workers"
+    figures.append(
+        promise(
+            AREA,
+            f"{where}: executor id of a process started after the outages",
+            run.second,
+            run.second is not None and run.second not in run.in_use,
+            "a free one",
+            f"in use: {', '.join(run.in_use)}",
+        )
+    )
+    return figures
+
+
+def run(ctx: Context) -> list[Figure]:
+    names = QUICK if ctx.quick else tuple(SCENARIOS)
+    figures: list[Figure] = []
+    for service_run in run_all(ctx, names):
+        figures += service_figures(service_run)
+    return figures
