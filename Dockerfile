@@ -54,7 +54,8 @@ USER 10001:10001
 EXPOSE 8000
 
 # python:3.12-slim has no curl; urlopen raises (exit 1) on a refused connection or a
-# non-2xx answer, and /healthz answers 200 only once DBOS has launched.
+# non-2xx answer, and /healthz answers 200 only once DBOS has launched and the
+# database answers (503 within 3 s while it does not: the container turns unhealthy).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
