@@ -10,13 +10,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.helpers import REPO, script_env
+from tests.helpers import admin as _admin
 
 _started = time.monotonic()
 
@@ -186,19 +186,6 @@ class Databases:
             except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
                 progress(f"could not drop scratch database {name}: {exc}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-@contextmanager
-def _admin(url: str) -> Iterator[Any]:
-    import psycopg2
-
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            yield cur
-    finally:
-        conn.close()
 
 
 # --- processes --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import pgcluster
-from tests.helpers import REPO
+from tests.helpers import REPO, admin
 
 _started = time.monotonic()
 
@@ -129,19 +129,6 @@ class Context:
             except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
                 progress(f"could not drop scratch database {name}: {exc}")
         self._created.clear()
-
-
-@contextmanager
-def admin(url: str) -> Iterator[Any]:
-    import psycopg2
-
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            yield cur
-    finally:
-        conn.close()
 
 
 __all__ = ["REPO", "Context", "Figure", "admin", "broken", "info", "progress", "promise", "table"]

@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Any
 
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import REPO, AppServer, query, script_env, wait_for
+from tests.helpers import REPO, AppServer, fan_out_result, query, script_env, wait_for
 
 AREA = "crash"
 
@@ -103,17 +103,6 @@ FINISH_TIMEOUT = 180  # generous: the machine may be loaded
 
 MOMENTS_FAN = ("while enqueueing", "steps running", "steps done, fan-out not yet", "after finish")
 MOMENTS_SCOPE = ("in a step body", "between steps", "after finish")
-
-
-def fib(n: int) -> int:
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-def expected_fan_out(steps: int, max_n: int) -> list[int]:
-    return [fib(min(i, max_n)) for i in range(steps)]
 
 
 def duplicate_outputs(db_url: str) -> int:
@@ -263,7 +252,7 @@ def calibrate_fan_out(ctx: Context, steps: int = FAN_STEPS, max_n: int = FAN_MAX
     runs = read_ledger(scratch / "ledger.txt", workflow_id)
     return Calibration(
         seconds=seconds,
-        correct=result == expected_fan_out(steps, max_n),
+        correct=result == fan_out_result(steps, max_n),
         each_body_once=runs == Counter(range(steps)),
     )
 
@@ -331,7 +320,7 @@ def fan_out_trial(
         second.start(ready_timeout=90)
         _wait_success(db_url, workflow_id, FINISH_TIMEOUT)
         trial.finished = True
-        trial.result_ok = _result(second, workflow_id) == expected_fan_out(steps, max_n)
+        trial.result_ok = _result(second, workflow_id) == fan_out_result(steps, max_n)
     except Exception as exc:  # noqa: BLE001 - a failed restart is a finding, not a crash
         trial.error = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:

@@ -96,7 +96,7 @@ import httpx
 
 from reliability.core import Context, Figure, admin, info, progress, promise
 from tests import pgcluster
-from tests.helpers import AppServer, query, script_env
+from tests.helpers import AppServer, fan_out_result, query, script_env
 
 AREA = "outage"
 STEPS, MAX_N = 50, 30  # several seconds of CPU in one process: steps are in flight at the stop
@@ -239,15 +239,7 @@ class ScenarioResult:
 # --- reading the database, the log and the ledger --------------------------------------
 
 
-def fib(n: int) -> int:
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-def expected_result(steps: int, max_n: int) -> list[int]:
-    return [fib(min(i, max_n)) for i in range(steps)]
+expected_result = fan_out_result
 
 
 def step_outputs(db_url: str, parent: str) -> dict[int, int]:

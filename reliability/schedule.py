@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import AppServer, query, script_env, wait_for
+from tests.helpers import AppServer, alive, query, script_env, wait_for
 
 AREA = "schedule"
 SCRIPT = "fastapi_scope_shutdown.py"
@@ -188,14 +188,6 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, bad
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def serving_workers(records: list[dict[str, Any]]) -> dict[str, tuple[int, datetime]]:
     """executor id -> (pid, time of its "serving" line) of the live workers."""
     pids = {
@@ -206,7 +198,7 @@ def serving_workers(records: list[dict[str, Any]]) -> dict[str, tuple[int, datet
         for r in records
         if r.get("message") == "serving" and r.get("executor_id") in pids
     }
-    return {e: (pids[e], t) for e, t in serving.items() if _alive(pids[e])}
+    return {e: (pids[e], t) for e, t in serving.items() if alive(pids[e])}
 
 
 def next_slot(after: datetime) -> datetime:
@@ -283,7 +275,7 @@ def run_window(ctx: Context, workers: int, seconds: float) -> Window:
             )
         except AssertionError:
             progress(f"schedule: slot {last.isoformat()} did not finish in time")
-        alive = all(_alive(pid) for pid, _ in live.values())
+        all_alive = all(alive(pid) for pid, _ in live.values())
         stopped_at = datetime.now(UTC)
         try:
             code: int | None = server.terminate(timeout=30)
@@ -300,7 +292,7 @@ def run_window(ctx: Context, workers: int, seconds: float) -> Window:
         last_slot=last,
         stopped_at=stopped_at,
         slots=collect_slots(db_url, records),
-        workers_alive_at_end=alive,
+        workers_alive_at_end=all_alive,
         exit_code=code,
         unparsable_lines=bad,
         tracebacks=server.log_text().count("Traceback"),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,24 @@ def run_script(
     return ScriptResult(proc.returncode, proc.stdout, proc.stderr, parse_json_lines(proc.stdout))
 
 
+def fan_out_result(steps: int, max_n: int) -> list[int]:
+    """What the shutdown demo's fan-out returns: ``fib(min(i, max_n))`` for each step i."""
+    fibs = [0, 1]
+    while len(fibs) <= max_n:
+        fibs.append(fibs[-1] + fibs[-2])
+    return [fibs[min(i, max_n)] for i in range(steps)]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # "pid (comm) state ...": comm may hold spaces, split after ")".
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -329,6 +348,20 @@ class AppServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def admin(url: str) -> Iterator[Any]:
+    """An autocommit cursor on a Postgres server (CREATE / DROP DATABASE)."""
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=5)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
 
 
 def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:

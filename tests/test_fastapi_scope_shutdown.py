@@ -17,22 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, AppServer, free_port, query, run_script, script_env, wait_for
+from helpers import (
+    REPO,
+    AppServer,
+    fan_out_result,
+    free_port,
+    query,
+    run_script,
+    script_env,
+    wait_for,
+)
 
 TOKEN = "test-token-7c1d0e"  # must never show up in a log
 GRACE_SECONDS = 5  # fastapi_scope_shutdown.GRACE_SECONDS
 SCRIPT = REPO / "fastapi_scope_shutdown.py"
 
 
-def fib(n: int) -> int:
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-def expected(steps: int, max_n: int) -> list[int]:
-    return [fib(min(i, max_n)) for i in range(steps)]
+expected = fan_out_result  # what a fan-out of (steps, max_n) must return
 
 
 def app_server(

@@ -11,7 +11,7 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from helpers import AppServer, query, wait_for
+from helpers import AppServer, alive, query, wait_for
 from test_fastapi_scope_shutdown import (
     GRACE_SECONDS,
     TOKEN,
@@ -25,14 +25,6 @@ from test_fastapi_scope_shutdown import (
     trigger,
     wait_done,
 )
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def claims(server: AppServer) -> list[tuple[str, int]]:
