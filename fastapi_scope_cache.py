@@ -184,7 +184,9 @@ app = FastAPI(
 
 # `DBOS.start_workflow_async` only takes `async def` workflows; `get_users` is sync,
 # so this is a `def` endpoint (it returns as soon as the workflow has started).
-@app.post("/trigger_async", status_code=202)
+# response_model=None: FastAPI would validate a `def` endpoint's answer on the same
+# thread pool, queued behind every request not yet started (see fastapi_scope.py).
+@app.post("/trigger_async", status_code=202, response_model=None)
 def trigger_async(
     pages: Annotated[
         int, Query(ge=1, le=MAX_PAGES, description=f"pages to walk, 1..{MAX_PAGES}")

@@ -720,7 +720,7 @@ def scenario_figures(r: ScenarioResult) -> list[Figure]:
             f"{r.slot_locks_after} (before the stop: {r.slot_locks_before})",
             r.slot_locks_after == r.slot_locks_expected,
             f"{r.slot_locks_expected}: held for the life of the process",
-            "the lock's session dies with the server; nothing takes it again",
+            "the lock's session dies with the server; the app's watchdog takes it again",
         ),
         info(
             AREA,
