@@ -77,12 +77,6 @@ def no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
     assert not leaks, f"a secret reached: {leaks}"
 
 
-def assert_no_secret_in_database(url: str) -> None:
-    leaks = helpers.secrets_in_database(url)
-    # Which tables, never the secret itself.
-    assert not leaks, f"a secret reached the system database, tables: {sorted(leaks)}"
-
-
 @pytest.fixture
 def pg_url(pg_server: str) -> Iterator[str]:
     """A fresh, empty database on the test server; checked for secrets and dropped
@@ -97,7 +91,7 @@ def pg_url(pg_server: str) -> Iterator[str]:
     url = make_url(pg_server).set(database=name).render_as_string(hide_password=False)
     try:
         yield url
-        assert_no_secret_in_database(url)
+        helpers.assert_no_secret_in_databases(url)
     finally:
         conn = _admin(pg_server)
         try:
@@ -111,7 +105,7 @@ def pg_url(pg_server: str) -> Iterator[str]:
 def sqlite_url(tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
     yield url
-    assert_no_secret_in_database(url)
+    helpers.assert_no_secret_in_databases(url)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -130,5 +124,6 @@ def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[object]:
     ctx = Context(server_url=pg_server, workdir=tmp_path, trials=2, quick=True)
     try:
         yield ctx
+        helpers.assert_no_secret_in_databases(*ctx.databases())
     finally:
         ctx.close()

@@ -134,6 +134,14 @@ def database_dump(url: str) -> Iterator[tuple[str, str]]:
             yield f"{schema}.{table}", row
 
 
+def assert_no_secret_in_databases(*urls: str) -> None:
+    """No remembered secret in any table of these system databases."""
+    for url in urls:
+        leaks = secrets_in_database(url)
+        # Which tables, never the secret itself.
+        assert not leaks, f"a secret reached the system database, tables: {sorted(leaks)}"
+
+
 def secrets_in_database(url: str, secrets: set[str] | None = None) -> dict[str, set[str]]:
     """table -> the secrets found in its rows (empty when the database holds none)."""
     found: dict[str, set[str]] = {}

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from helpers import assert_no_secret_in_databases
 
 from reliability import hostile
 from reliability.core import Context
@@ -53,6 +54,7 @@ def sessions(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     registry = Sessions(ctx)
     try:
         yield registry
+        assert_no_secret_in_databases(*ctx.databases())
     finally:
         registry.close_all()
         ctx.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helpers import assert_no_secret_in_databases
 
 from reliability import load
 from reliability.core import Context, broken
@@ -21,6 +22,7 @@ def loaded(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("load"), quick=True)
     try:
         yield load.run_load(ctx, [BURST, BURST])
+        assert_no_secret_in_databases(*ctx.databases())
     finally:
         ctx.close()
 

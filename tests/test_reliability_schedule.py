@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from helpers import assert_no_secret_in_databases
 
 from reliability import schedule
 from reliability.core import Context, broken
@@ -23,6 +24,7 @@ def windows(
     ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("schedule"), quick=True)
     try:
         yield schedule.run_windows(ctx, WINDOW_SECONDS, concurrent=True)
+        assert_no_secret_in_databases(*ctx.databases())
     finally:
         ctx.close()
 
