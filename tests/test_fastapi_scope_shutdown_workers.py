@@ -50,26 +50,24 @@ def live_workers(server: AppServer, count: int) -> dict[str, int]:
 def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
     pg_url: str, tmp_path: Path
 ) -> None:
-    # 40 steps of fib(31), ~0.35 s of CPU each, several seconds of work on 2 cores: some
-    # are still running when the crash request gets through a busy worker.
-    steps, max_n = 71, 31
+    # 39 steps of fib(32), ~0.55 s of CPU each, enqueued last: once the fan-out has
+    # enqueued every step, seconds of work are left, so steps are still running when the
+    # crash request gets through a busy worker. (Crashing while the fan-out still
+    # enqueues can land in a gap: its enqueue loop starves behind the running steps, and
+    # they may all finish before it enqueues the next one.)
+    steps, max_n = 71, 32
     server = app_server(tmp_path, pg_url, "first", workers=2).start()
     try:
         workers = live_workers(server, 2)
         assert set(workers) == {"shutdown-0", "shutdown-1"}
         workflow_id = trigger(server, steps, max_n)
-        wait_for(
-            lambda: (
-                sum(
-                    c["status"] == "PENDING" and i >= max_n
-                    for i, c in children(pg_url, workflow_id).items()
-                )
-                >= 3
-            ),
-            60,
-            0.05,
-            "big steps running",
-        )
+
+        def all_enqueued_and_big_steps_running() -> bool:
+            kids = children(pg_url, workflow_id)
+            running = sum(c["status"] == "PENDING" and i >= max_n for i, c in kids.items())
+            return len(kids) == steps and running >= 3
+
+        wait_for(all_enqueued_and_big_steps_running, 90, 0.05, "big steps running")
         answer = server.client.post(
             "/shutdown", params={"mode": "crash"}, headers={"Authorization": f"Bearer {TOKEN}"}
         )
