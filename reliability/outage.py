@@ -166,7 +166,8 @@ class ScenarioResult:
     down_for: float = 0.0  # seconds the database was really unreachable
     probes: list[Probe] = field(default_factory=list)  # while down
     status_probe: Probe | None = None  # GET /workflows/{id}, sent while down
-    status_probe_after_up: float | None = None  # when it answered, relative to the start
+    # When it answered, from the command that started the server again.
+    status_probe_after_up: float | None = None
     health_back_after: float | None = None
     done_after: float | None = None  # DB back -> fan-out SUCCESS
     final: dict[str, Any] | None = None
@@ -527,6 +528,9 @@ def run_scenario(
         if time.monotonic() - t_down >= scenario.down_seconds:
             break
         time.sleep(PROBE_INTERVAL)
+    # pg_ctl returns once the server accepts connections; DBOS may reconnect before that,
+    # so "after the start" is measured from the start command.
+    t_start = time.monotonic()
     bring_back(service.cluster)
     up_wall = datetime.now(UTC)
     up_ms = int(time.time() * 1000)
@@ -548,7 +552,7 @@ def run_scenario(
         asker.join(timeout=RECOVERY_TIMEOUT + 90)
         result.status_probe = status_probe[0] if status_probe else None
         if answered_at:
-            result.status_probe_after_up = answered_at[0] - t_up
+            result.status_probe_after_up = answered_at[0] - t_start
 
     # A slot scheduled after the start ran: the schedule resumed (5 s slots, plus the
     # backoff a schedule thread blocked during the outage may still sleep).
