@@ -86,7 +86,15 @@ from pathlib import Path
 from typing import Any
 
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import REPO, AppServer, fan_out_result, query, script_env, wait_for
+from tests.helpers import (
+    REPO,
+    AppServer,
+    fan_out_result,
+    ledger_runs,
+    query,
+    script_env,
+    wait_for,
+)
 
 AREA = "crash"
 
@@ -141,18 +149,6 @@ def fan_children(db_url: str, parent: str) -> dict[int, dict[str, Any]]:
         index = int(wf_id.rsplit("-", 1)[1]) - 1
         found[index] = {"status": status, "outputs": int(outputs), "id": wf_id}
     return found
-
-
-def read_ledger(path: Path, parent: str) -> Counter[int]:
-    """How often each step body of ``parent`` ran (index -> executions)."""
-    runs: Counter[int] = Counter()
-    text = path.read_text() if path.exists() else ""
-    for line in text.splitlines():
-        parts = line.split()
-        # A line cut by the SIGKILL (never seen: one short O_APPEND write) is skipped.
-        if len(parts) == 3 and parts[2].startswith(parent + "-"):
-            runs[int(parts[0])] += 1
-    return runs
 
 
 @dataclass
@@ -249,7 +245,7 @@ def calibrate_fan_out(ctx: Context, steps: int = FAN_STEPS, max_n: int = FAN_MAX
         _wait_success(db_url, workflow_id, FINISH_TIMEOUT)
         seconds = time.monotonic() - started
         result = _result(server, workflow_id)
-    runs = read_ledger(scratch / "ledger.txt", workflow_id)
+    runs = ledger_runs(scratch / "ledger.txt", workflow_id)
     return Calibration(
         seconds=seconds,
         correct=result == fan_out_result(steps, max_n),
@@ -283,7 +279,7 @@ def fan_out_trial(
             # (A PENDING status alone is not enough: on a loaded machine a dequeued step's
             # thread can take seconds to reach the body.)
             wait_for(
-                lambda: sum(i >= max_n for i in read_ledger(ledger, workflow_id)) >= FORCED_RUNNING,
+                lambda: sum(i >= max_n for i in ledger_runs(ledger, workflow_id)) >= FORCED_RUNNING,
                 90,
                 0.02,
                 "big fan-out step bodies to start",
@@ -304,7 +300,7 @@ def fan_out_trial(
     trial.enqueued_at_kill = len(at_kill)
     trial.in_flight = {i for i, c in at_kill.items() if c["status"] == "PENDING"}
     trial.done_at_kill = {i for i, c in at_kill.items() if c["status"] == "SUCCESS"}
-    trial.ran_before_kill = read_ledger(ledger, workflow_id)
+    trial.ran_before_kill = ledger_runs(ledger, workflow_id)
     if trial.parent_status_at_kill == "SUCCESS":
         trial.moment = "after finish"
     elif trial.enqueued_at_kill < steps:
@@ -330,7 +326,7 @@ def fan_out_trial(
     trial.children_count = len(after)
     trial.outputs_not_one = sorted(i for i, c in after.items() if c["outputs"] != 1)
     trial.duplicate_rows = duplicate_outputs(db_url)
-    trial.runs = read_ledger(ledger, workflow_id)
+    trial.runs = ledger_runs(ledger, workflow_id)
     return trial
 
 

@@ -96,7 +96,7 @@ import httpx
 
 from reliability.core import Context, Figure, admin, info, progress, promise
 from tests import pgcluster
-from tests.helpers import AppServer, fan_out_result, query, script_env
+from tests.helpers import AppServer, fan_out_result, ledger_runs, query, script_env
 
 AREA = "outage"
 STEPS, MAX_N = 50, 30  # several seconds of CPU in one process: steps are in flight at the stop
@@ -253,16 +253,6 @@ def step_outputs(db_url: str, parent: str) -> dict[int, int]:
         parent,
     )
     return {int(wf.rsplit("-", 1)[1]) - 1: int(n) for wf, n in rows}
-
-
-def ledger_runs(path: Path, parent: str) -> Counter[int]:
-    """Step index -> how often its body ran (lines ``<index> <pid> <workflow_id>``)."""
-    runs: Counter[int] = Counter()
-    for line in path.read_text().splitlines() if path.exists() else []:
-        index, _pid, wf_id = line.split()
-        if wf_id.startswith(parent + "-"):
-            runs[int(index)] += 1
-    return runs
 
 
 def recorded_rows(db_url: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -212,6 +213,19 @@ def fan_out_result(steps: int, max_n: int) -> list[int]:
     while len(fibs) <= max_n:
         fibs.append(fibs[-1] + fibs[-2])
     return [fibs[min(i, max_n)] for i in range(steps)]
+
+
+def ledger_runs(path: Path, parent: str) -> Counter[int]:
+    """How often each step body of fan-out ``parent`` ran (index -> executions), from the
+    FIB_LEDGER file (lines ``<index> <pid> <step workflow id>``)."""
+    runs: Counter[int] = Counter()
+    text = path.read_text() if path.exists() else ""
+    for line in text.splitlines():
+        parts = line.split()
+        # A line cut by a SIGKILL (never seen: one short O_APPEND write) is skipped.
+        if len(parts) == 3 and parts[2].startswith(parent + "-"):
+            runs[int(parts[0])] += 1
+    return runs
 
 
 def alive(pid: int) -> bool:

@@ -22,6 +22,7 @@ from helpers import (
     AppServer,
     fan_out_result,
     free_port,
+    ledger_runs,
     query,
     run_script,
     script_env,
@@ -136,13 +137,7 @@ def assert_queue_limit(steps_run: dict[int, dict[str, Any]]) -> None:
 
 def ledger(tmp_path: Path, parent: str) -> Counter[int]:
     """How often each step body of ``parent`` ran (index -> executions)."""
-    path = tmp_path / "ledger.txt"
-    runs: Counter[int] = Counter()
-    for line in path.read_text().splitlines() if path.exists() else []:
-        index, _pid, wf_id = line.split()
-        if wf_id.startswith(parent + "-"):
-            runs[int(index)] += 1
-    return runs
+    return ledger_runs(tmp_path / "ledger.txt", parent)
 
 
 def max_running(intervals: list[tuple[int, int]]) -> int:
