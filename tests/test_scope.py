@@ -104,7 +104,7 @@ def test_malformed_database_url_fails_fast_with_one_line(tmp_path: Path) -> None
 
 
 def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
-    from helpers import free_port
+    from harness.proc import free_port
 
     url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/nowhere"
     result = run_script("scope.py", *ARGS, env=script_env(url), cwd=tmp_path, timeout=30)
