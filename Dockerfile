@@ -33,7 +33,8 @@ RUN pip install --no-cache-dir --require-hashes -r requirements-runtime.txt \
     && useradd --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
         --shell /usr/sbin/nologin app
 
-# Only what the shutdown demo needs; owned by root, so the app cannot change its code.
+# Only what the shutdown demo needs: the script and lab/ (the package it runs on,
+# with the page's static files); owned by root, so the app cannot change its code.
 # dbos-config.yaml serves the DBOS CLI inside the container (dbos workflow list).
 COPY dbos-config.yaml fastapi_scope_shutdown.py ./
 COPY lab/ lab/
