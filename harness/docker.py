@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import REPO
+
 BASE_IMAGE = "python:3.12-slim"
 ENGINE_SCRIPT = "../shared/docker/engine.sh"
 # Every container and compose project a test session starts carries this label, with

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
-from helpers import REPO
 from sqlalchemy.engine import make_url
 
+from harness import REPO
 from harness.docker import compose_cli, lock_pins, normalize
 
 DOCKERFILE = REPO / "Dockerfile"

@@ -20,22 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pgcluster
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
-from helpers import (
-    REPO,
-    fan_out_result,
-    free_port,
-    ledger_runs,
-    parse_json_lines,
-    query,
-    remember_secrets,
-)
 from sqlalchemy.engine import make_url
 
 import harness.docker as hd
+from harness import REPO, pgcluster
+from harness.db import query
+from harness.env import remember_secrets
+from harness.fanout import fan_out_result, ledger_runs
+from harness.proc import free_port, parse_json_lines
 
 pytestmark = pytest.mark.slow
 
