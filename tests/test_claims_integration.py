@@ -98,4 +98,3 @@ def test_a_page_transaction_run_twice_inserts_nothing_the_second_time(db_url: st
         )
         assert ("record_rows", True) in steps, (run, steps)
         assert run["result"]["inserted"] == inserted
-

@@ -103,9 +103,7 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
             after = child_statuses(pg_url, workflow_id)
             # A child that existed before the read and had not finished after it had not
             # finished during it.
-            unfinished = [
-                wf for wf, status in before.items() if after.get(wf, status) != "SUCCESS"
-            ]
+            unfinished = [wf for wf, status in before.items() if after.get(wf, status) != "SUCCESS"]
             done, total = answer["progress"]["done"], answer["progress"]["total"]
             assert total == steps, answer
             assert successes(before) <= done <= successes(after), (
@@ -196,7 +194,9 @@ def test_healthz_is_503_with_the_reason_while_the_database_is_stopped(
         try:
             down = server.client.get("/healthz", timeout=15)
         except httpx.TransportError as exc:
-            raise AssertionError(f"/healthz did not answer while the database was down: {exc}")
+            raise AssertionError(
+                f"/healthz gave no answer while the database was down: {exc}"
+            ) from exc
         body = down.json()
         assert down.status_code == 503, body
         assert body["status"] == "unavailable"

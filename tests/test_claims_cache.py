@@ -1,0 +1,154 @@
+"""Claims around fastapi_scope_cache.py checked against the database (issue 16, items 5, 6).
+
+- The credentials cache fetches once per process even when two runs need the token at
+  the same moment: the lock covers check-then-fetch.
+- What DBOS 3.4 writes to the system database: workflow inputs, step outputs and
+  workflow results, not step arguments. A value a step only takes as an argument is in
+  no table; the same value passed to a child workflow is stored (its input), and so is a
+  value a step returns (its output).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import (
+    REPO,
+    AppServer,
+    query,
+    script_env,
+    secrets_in_database,
+    wait_for,
+)
+
+TARGET = "fastapi_scope_cache:app"
+# get_credentials() calls per default run: get_users + 5 pages + 15 steps.
+CALLS_PER_RUN = 1 + 5 + 15
+
+
+# --- item 5: one fetch for two runs at once ------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    secret = f"cred-{uuid.uuid4().hex}"
+    server = AppServer(TARGET, script_env(pg_url, CREDENTIALS_SECRET=secret), tmp_path / "s.log")
+    with server:
+        assert server.client.get("/cache").json() == {"fetches": 0, "hits": 0, "cached": False}
+
+        def start(_: int) -> str:
+            # One client per thread: both requests in flight together.
+            with httpx.Client(base_url=server.base_url, timeout=30) as client:
+                answer = client.post("/trigger_async")
+                assert answer.status_code == 202, answer.text
+                return str(answer.json()["workflow_id"])
+
+        with ThreadPoolExecutor(2) as pool:
+            runs = list(pool.map(start, range(2)))
+
+        def finished() -> bool:
+            rows = query(
+                pg_url,
+                "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = ANY(%s)",
+                runs,
+            )
+            return len(rows) == 2 and all(status == "SUCCESS" for (status,) in rows)
+
+        wait_for(finished, 60, 0.2, "both get_users runs to succeed")
+        cache = server.client.get("/cache").json()
+    fetched = [r for r in server.records() if r.get("message") == "credentials fetched"]
+
+    # The runs overlapped where it matters: both had started before either had its token
+    # (a run creates its first page workflow only after get_credentials() returned).
+    started = query(
+        pg_url,
+        "SELECT max(created_at) FROM dbos.workflow_status WHERE workflow_uuid = ANY(%s)",
+        runs,
+    )[0][0]
+    first_page = query(
+        pg_url,
+        "SELECT min(created_at) FROM dbos.workflow_status WHERE parent_workflow_id = ANY(%s)",
+        runs,
+    )[0][0]
+    assert started < first_page, (started, first_page)
+    assert cache == {"fetches": 1, "hits": 2 * CALLS_PER_RUN - 1, "cached": True}
+    assert len(fetched) == 1, fetched  # one provider call in the log, too
+
+
+# --- item 6: step arguments are not stored; workflow inputs and step outputs are -------
+
+# A workflow that reads three values from process memory (as get_users reads its token)
+# and hands them on: one only as a step argument, one to a step that returns it, one as
+# a child workflow's argument. Nothing is an input of the parent itself.
+PROGRAM = """
+import sys
+from dbos import DBOS
+
+step_only, returned, child_input = sys.argv[1:4]
+
+@DBOS.step()
+def uses(value: str) -> int:
+    return len(value)
+
+@DBOS.step()
+def echoes(value: str) -> str:
+    return value
+
+@DBOS.workflow()
+def child(value: str) -> int:
+    return len(value)
+
+@DBOS.workflow()
+def parent() -> list:
+    return [uses(step_only), len(echoes(returned)), child(child_input)]
+
+DBOS(config={"name": "experiment6-claims-step-args", "system_database_url": sys.argv[4]})
+DBOS.launch()
+handle = DBOS.start_workflow(parent)
+print(handle.get_workflow_id())
+print(sum(handle.get_result()))
+DBOS.destroy()
+"""
+
+
+@pytest.mark.slow
+def test_a_step_argument_is_stored_nowhere_but_a_child_workflow_input_is(db_url: str) -> None:
+    values = {name: f"{name}-{uuid.uuid4().hex}" for name in ("step-only", "returned", "child")}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROGRAM, *values.values(), db_url],
+        env=script_env(db_url),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workflow_id, total = proc.stdout.split()[-2:]
+    assert int(total) == sum(len(v) for v in values.values())
+
+    # The parent recorded the three calls (and nothing of the values, see below).
+    calls = query(
+        db_url,
+        "SELECT function_name FROM dbos.operation_outputs WHERE workflow_uuid = %s",
+        workflow_id,
+    )
+    assert {"uses", "echoes", "child"} <= {name for (name,) in calls}, calls
+    found = secrets_in_database(db_url, set(values.values()))
+    # table name without the schema (Postgres: dbos.<table>, SQLite: <table>)
+    where = {
+        name: {table.rsplit(".", 1)[-1] for table, hits in found.items() if value in hits}
+        for name, value in values.items()
+    }
+    assert where == {
+        "step-only": set(),  # in no table, not even decoded from base64
+        "returned": {"operation_outputs"},  # the step's output
+        "child": {"workflow_input"},  # the child workflow's input
+    }
