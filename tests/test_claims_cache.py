@@ -18,14 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import (
-    REPO,
-    AppServer,
-    query,
-    script_env,
-    secrets_in_database,
-    wait_for,
-)
+
+from harness import REPO
+from harness.db import query, secrets_in_database
+from harness.env import script_env
+from harness.proc import wait_for
+from harness.server import AppServer
 
 TARGET = "fastapi_scope_cache:app"
 # get_credentials() calls per default run: get_users + 5 pages + 15 steps.

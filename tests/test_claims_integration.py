@@ -17,7 +17,11 @@ import uuid
 from typing import Any
 
 import pytest
-from helpers import REPO, parse_json_lines, query, script_env
+
+from harness import REPO
+from harness.db import query
+from harness.env import script_env
+from harness.proc import parse_json_lines
 
 pytestmark = pytest.mark.slow  # a DBOS process per database
 
@@ -26,12 +30,14 @@ pytestmark = pytest.mark.slow  # a DBOS process per database
 DRIVER = """
 import json, sys
 from dbos import DBOS
-import common, integration
+import integration
+from lab.config import dbos_config
+from lab.logs import setup_logging
 
-common.setup_logging("integration")
+setup_logging("integration")
 run_id = sys.argv[1]
 objects = json.loads(sys.argv[2])
-config = common.dbos_config("integration")
+config = dbos_config("integration")
 url = config["system_database_url"]
 integration.ensure_database(url)
 ds, table, kind = integration.create_datasource(url, config["name"])
