@@ -2,14 +2,15 @@
 
 - The credentials cache fetches once per process even when two runs need the token at
   the same moment: the lock covers check-then-fetch.
-- What DBOS 3.4 writes to the system database: workflow inputs, step outputs and
-  workflow results, not step arguments. A value a step only takes as an argument is in
-  no table; the same value passed to a child workflow is stored (its input), and so is a
-  value a step returns (its output).
+- What DBOS 3.4 writes to the system database: workflow inputs, step outputs (and
+  errors) and workflow results, not step arguments. A value a step only takes as an
+  argument is in no table; a value passed to a child workflow is stored (its input), and
+  so is a value a step returns or raises, and a workflow's result.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -81,16 +82,17 @@ def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
     assert len(fetched) == 1, fetched  # one provider call in the log, too
 
 
-# --- item 6: step arguments are not stored; workflow inputs and step outputs are -------
+# --- item 6: what DBOS stores: workflow inputs, step outputs, results; not step arguments
 
-# A workflow that reads three values from process memory (as get_users reads its token)
-# and hands them on: one only as a step argument, one to a step that returns it, one as
-# a child workflow's argument. Nothing is an input of the parent itself.
+# A workflow that reads its values from process memory (as get_users reads its token)
+# and hands each on one way: only as a step's argument, to a step that returns it, to a
+# step whose exception carries it, as a child workflow's argument, as its own result.
+# Nothing is an input of the parent itself.
 PROGRAM = """
-import sys
+import json, sys
 from dbos import DBOS
 
-step_only, returned, child_input = sys.argv[1:4]
+values = json.loads(sys.argv[1])
 
 @DBOS.step()
 def uses(value: str) -> int:
@@ -100,28 +102,42 @@ def uses(value: str) -> int:
 def echoes(value: str) -> str:
     return value
 
+@DBOS.step()
+def rejects(value: str) -> None:
+    raise ValueError(f"rejected {value}")
+
 @DBOS.workflow()
 def child(value: str) -> int:
     return len(value)
 
 @DBOS.workflow()
-def parent() -> list:
-    return [uses(step_only), len(echoes(returned)), child(child_input)]
+def parent() -> dict:
+    try:
+        rejects(values["raised"])
+    except ValueError:
+        pass
+    return {
+        "lengths": [uses(values["step-only"]), len(echoes(values["returned"])),
+                    child(values["child"])],
+        "result": values["result"],
+    }
 
-DBOS(config={"name": "experiment6-claims-step-args", "system_database_url": sys.argv[4]})
+DBOS(config={"name": "experiment6-claims-step-args", "system_database_url": sys.argv[2]})
 DBOS.launch()
 handle = DBOS.start_workflow(parent)
-print(handle.get_workflow_id())
-print(sum(handle.get_result()))
+print(json.dumps({"workflow_id": handle.get_workflow_id(), "output": handle.get_result()}))
 DBOS.destroy()
 """
 
 
 @pytest.mark.slow
-def test_a_step_argument_is_stored_nowhere_but_a_child_workflow_input_is(db_url: str) -> None:
-    values = {name: f"{name}-{uuid.uuid4().hex}" for name in ("step-only", "returned", "child")}
+def test_a_step_argument_is_stored_nowhere_but_workflow_inputs_and_step_outputs_are(
+    db_url: str,
+) -> None:
+    names = ("step-only", "returned", "raised", "child", "result")
+    values = {name: f"{name}-{uuid.uuid4().hex}" for name in names}
     proc = subprocess.run(
-        [sys.executable, "-c", PROGRAM, *values.values(), db_url],
+        [sys.executable, "-c", PROGRAM, json.dumps(values), db_url],
         env=script_env(db_url),
         cwd=REPO,
         capture_output=True,
@@ -129,16 +145,20 @@ def test_a_step_argument_is_stored_nowhere_but_a_child_workflow_input_is(db_url:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    workflow_id, total = proc.stdout.split()[-2:]
-    assert int(total) == sum(len(v) for v in values.values())
+    run = json.loads(proc.stdout.splitlines()[-1])
+    lengths = [len(values[name]) for name in ("step-only", "returned", "child")]
+    assert run["output"] == {"lengths": lengths, "result": values["result"]}
 
-    # The parent recorded the three calls (and nothing of the values, see below).
+    # The parent recorded each call (the values: see below).
     calls = query(
         db_url,
-        "SELECT function_name FROM dbos.operation_outputs WHERE workflow_uuid = %s",
-        workflow_id,
+        "SELECT function_name, error IS NOT NULL FROM dbos.operation_outputs "
+        "WHERE workflow_uuid = %s",
+        run["workflow_id"],
     )
-    assert {"uses", "echoes", "child"} <= {name for (name,) in calls}, calls
+    assert {("rejects", True), ("uses", False), ("echoes", False), ("child", False)} <= set(
+        calls
+    ), calls
     found = secrets_in_database(db_url, set(values.values()))
     # table name without the schema (Postgres: dbos.<table>, SQLite: <table>)
     where = {
@@ -148,5 +168,7 @@ def test_a_step_argument_is_stored_nowhere_but_a_child_workflow_input_is(db_url:
     assert where == {
         "step-only": set(),  # in no table, not even decoded from base64
         "returned": {"operation_outputs"},  # the step's output
+        "raised": {"operation_outputs"},  # the step's error
         "child": {"workflow_input"},  # the child workflow's input
+        "result": {"workflow_output"},  # the workflow's result
     }
