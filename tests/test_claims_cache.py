@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from harness import REPO
+from harness.clients import CacheClient
 from harness.db import query, secrets_in_database
 from harness.env import script_env
 from harness.proc import wait_for
@@ -41,14 +42,12 @@ def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
     secret = f"cred-{uuid.uuid4().hex}"
     server = AppServer(TARGET, script_env(pg_url, CREDENTIALS_SECRET=secret), tmp_path / "s.log")
     with server:
-        assert server.client.get("/cache").json() == {"fetches": 0, "hits": 0, "cached": False}
+        assert CacheClient(server.client).cache() == {"fetches": 0, "hits": 0, "cached": False}
 
         def start(_: int) -> str:
-            # One client per thread: both requests in flight together.
-            with httpx.Client(base_url=server.base_url, timeout=30) as client:
-                answer = client.post("/trigger_async")
-                assert answer.status_code == 202, answer.text
-                return str(answer.json()["workflow_id"])
+            # One connection per thread: both requests in flight together.
+            with httpx.Client(base_url=server.base_url, timeout=30) as http:
+                return CacheClient(http).start()
 
         with ThreadPoolExecutor(2) as pool:
             runs = list(pool.map(start, range(2)))
@@ -62,7 +61,7 @@ def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
             return len(rows) == 2 and all(status == "SUCCESS" for (status,) in rows)
 
         wait_for(finished, 60, 0.2, "both get_users runs to succeed")
-        cache = server.client.get("/cache").json()
+        cache = CacheClient(server.client).cache()
     fetched = [r for r in server.records() if r.get("message") == "credentials fetched"]
 
     # The runs overlapped where it matters: both had started before either had its token

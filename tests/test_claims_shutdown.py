@@ -28,6 +28,7 @@ import pytest
 
 from harness import pgcluster
 from harness.apps import shutdown_app
+from harness.clients import ShutdownClient
 from harness.db import query
 from harness.fanout import demo_server, fan_out_result, ledger_runs, max_running
 from harness.proc import wait_for
@@ -38,18 +39,6 @@ from lab.config import app_name
 def serve(db_url: str, tmp_path: Path, name: str = "server") -> AppServer:
     """The demo in one process (as in the Docker image), step bodies on a ledger."""
     return demo_server(db_url, tmp_path / f"{name}.log", ledger=tmp_path / "ledger.txt")
-
-
-def trigger(server: AppServer, steps: int, max_n: int) -> str:
-    answer = server.client.post("/trigger_async", params={"steps": steps, "max_n": max_n})
-    assert answer.status_code == 202, answer.text
-    return str(answer.json()["workflow_id"])
-
-
-def view(server: AppServer, workflow_id: str) -> dict[str, Any]:
-    answer = server.client.get(f"/workflows/{workflow_id}")
-    assert answer.status_code == 200, answer.text
-    return dict(answer.json())
 
 
 def child_statuses(db_url: str, parent: str) -> dict[str, str]:
@@ -76,11 +65,12 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
     steps, max_n = 80, 26  # more than the limit: children wait ENQUEUED while others run
     reads = []  # (successes before, done, successes after, unfinished during the read)
     with serve(pg_url, tmp_path) as server:
-        workflow_id = trigger(server, steps, max_n)
+        demo = ShutdownClient(server.client)
+        workflow_id = demo.trigger(steps, max_n)
         deadline = time.monotonic() + 90
         while True:
             before = child_statuses(pg_url, workflow_id)
-            answer = view(server, workflow_id)
+            answer = demo.view(workflow_id)
             after = child_statuses(pg_url, workflow_id)
             # A child that existed before the read and had not finished after it had not
             # finished during it.
@@ -228,13 +218,14 @@ def test_healthz_is_503_with_the_reason_while_the_database_is_stopped(
 ) -> None:
     db_url = cluster.url.rsplit("/", 1)[0] + "/claims"  # created by the app at start
     with serve(db_url, tmp_path) as server:
-        healthy = server.client.get("/healthz")
+        demo = ShutdownClient(server.client)
+        healthy = demo.healthz()
         assert healthy.status_code == 200, healthy.text
         assert healthy.json()["status"] == "ok"
 
         cluster.stop("fast")
         try:
-            down = server.client.get("/healthz", timeout=15)
+            down = demo.healthz(timeout=15)
         except httpx.TransportError as exc:
             raise AssertionError(
                 f"/healthz gave no answer while the database was down: {exc}"
@@ -248,7 +239,7 @@ def test_healthz_is_503_with_the_reason_while_the_database_is_stopped(
 
         cluster.start()
         back = wait_for(
-            lambda: (a := server.client.get("/healthz", timeout=15)).status_code == 200 and a,
+            lambda: (a := demo.healthz(timeout=15)).status_code == 200 and a,
             30,
             0.5,
             "/healthz to answer 200 once the database is back",
