@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+import fastapi_scope_shutdown as demo
 from harness import pgcluster
-from harness.apps import shutdown_app
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.fanout import demo_server, fan_out_result, ledger_runs, max_running
@@ -65,12 +65,12 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
     steps, max_n = 80, 26  # more than the limit: children wait ENQUEUED while others run
     reads = []  # (successes before, done, successes after, unfinished during the read)
     with serve(pg_url, tmp_path) as server:
-        demo = ShutdownClient(server.client)
-        workflow_id = demo.trigger(steps, max_n)
+        client = ShutdownClient(server.client)
+        workflow_id = client.trigger(steps, max_n)
         deadline = time.monotonic() + 90
         while True:
             before = child_statuses(pg_url, workflow_id)
-            answer = demo.view(workflow_id)
+            answer = client.view(workflow_id)
             after = child_statuses(pg_url, workflow_id)
             # A child that existed before the read and had not finished after it had not
             # finished during it.
@@ -115,10 +115,10 @@ def enqueue_steps(db_url: str, batch: str, steps: int, n: int) -> None:
         for i in range(steps):
             client.enqueue(
                 {
-                    "queue_name": shutdown_app.QUEUE,
-                    "workflow_name": f"<temp>.{shutdown_app.fib_step.__qualname__}",
+                    "queue_name": demo.QUEUE,
+                    "workflow_name": f"<temp>.{demo.fib_step.__qualname__}",
                     "workflow_id": f"{batch}-{i + 1}",
-                    "application_name": app_name(shutdown_app.APP),
+                    "application_name": app_name(demo.APP),
                 },
                 i,
                 n,
@@ -165,7 +165,7 @@ def test_more_than_50_steps_waiting_on_the_queue_start_exactly_50_at_once(
     Why not a fan-out through POST /trigger_async: its steps are enqueued while the queue
     already polls, so a first poll may claim only some of them (the progress test above
     shows what such runs do)."""
-    assert shutdown_app.QUEUE_CONCURRENCY == 50  # the documented limit
+    assert demo.QUEUE_CONCURRENCY == 50  # the documented limit
     units, n = 60, 26
     batch = f"claims-{uuid.uuid4().hex[:8]}"
     enqueue_steps(pg_url, batch, units, n)
@@ -218,14 +218,14 @@ def test_healthz_is_503_with_the_reason_while_the_database_is_stopped(
 ) -> None:
     db_url = cluster.url.rsplit("/", 1)[0] + "/claims"  # created by the app at start
     with serve(db_url, tmp_path) as server:
-        demo = ShutdownClient(server.client)
-        healthy = demo.healthz()
+        client = ShutdownClient(server.client)
+        healthy = client.healthz()
         assert healthy.status_code == 200, healthy.text
         assert healthy.json()["status"] == "ok"
 
         cluster.stop("fast")
         try:
-            down = demo.healthz(timeout=15)
+            down = client.healthz(timeout=15)
         except httpx.TransportError as exc:
             raise AssertionError(
                 f"/healthz gave no answer while the database was down: {exc}"
@@ -239,7 +239,7 @@ def test_healthz_is_503_with_the_reason_while_the_database_is_stopped(
 
         cluster.start()
         back = wait_for(
-            lambda: (a := demo.healthz(timeout=15)).status_code == 200 and a,
+            lambda: (a := client.healthz(timeout=15)).status_code == 200 and a,
             30,
             0.5,
             "/healthz to answer 200 once the database is back",
