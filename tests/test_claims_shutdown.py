@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-import fastapi_scope_shutdown as demo
 from harness import pgcluster
+from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.fanout import demo_server, fan_out_result, ledger_runs, max_running
