@@ -277,6 +277,13 @@ def test_container_turns_healthy_runs_a_fan_out_as_non_root_under_its_init(
     children = [p for p in processes if p["ppid"] == pid1]
     assert len(children) == 1 and "uvicorn fastapi_scope_shutdown:app" in children[0]["args"]
     assert not any(p["args"].split()[0] in ("sh", "/bin/sh") for p in processes)
+    # The code is root's: the app can change none of it. The app user has a home.
+    code = container.exec("sh", "-c", "test -w /app || test -w /app/fastapi_scope_shutdown.py")
+    assert code.returncode == 1
+    owners = container.exec(
+        "stat", "-c", "%u", "/app", "/app/fastapi_scope_shutdown.py", "/app/lab"
+    )
+    assert owners.stdout.split() == ["0", "0", "0"], owners.stderr
     # The app user has a home of its own.
     home = container.exec("sh", "-c", 'id -u; echo "$HOME"; test -d "$HOME" && test -w "$HOME"')
     assert (home.returncode, home.stdout.split()) == (0, [UID, "/home/app"]), home.stderr
@@ -316,6 +323,33 @@ def test_port_is_honoured_by_the_app_and_the_health_check(run: Run, pg_url: str)
     container.wait_health("healthy", 240)
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
     assert any(f"127.0.0.1:{port}" in str(r.get("message")) for r in json_logs(container))
+    # Without SHUTDOWN_TOKEN, POST /shutdown is disabled; with it, mode=graceful is
+    # the same clean stop as docker stop.
+    assert httpx.post(f"{container.url}/shutdown", timeout=30).status_code == 403
+
+
+def test_shutdown_graceful_from_inside_exits_143(run: Run, pg_url: str, token: str) -> None:
+    container = run({"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": token})
+    wait_serving(container)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(f"{container.url}/shutdown", timeout=30).status_code == 401
+    answer = httpx.post(
+        f"{container.url}/shutdown", params={"mode": "graceful"}, headers=auth, timeout=30
+    )
+    assert answer.status_code == 202, answer.text
+    assert container.wait_exit(60) == 143
+    assert "DBOS successfully shut down" in [
+        str(r.get("message")) for r in json_logs(container, token)
+    ]
+
+
+def test_sqlite_in_a_writable_path_of_the_container(run: Run) -> None:
+    """/app is not writable; a SQLite URL under /tmp works (gone with the container)."""
+    container = run({"DBOS_SYSTEM_DATABASE_URL": "sqlite:////tmp/experiment6.sqlite"})
+    assert wait_serving(container)["database"] == "sqlite"
+    with client(container) as http:
+        done = wait_done(http, start_fan_out(http, 5, 3))
+    assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
 
 
 def test_crash_exits_137_and_a_new_container_finishes_the_same_fan_out(
@@ -443,6 +477,7 @@ def test_compose_runs_the_projects_services_for_real(
     assert all(s["network_mode"] == "host" for s in config["services"].values())
     assert not config.get("networks")
 
+    auth = {"Authorization": f"Bearer {token}"}
     with hd.networks_unchanged():
         try:
             # depends_on: the app starts once Postgres's own healthcheck passes.
@@ -452,18 +487,33 @@ def test_compose_runs_the_projects_services_for_real(
             with httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=30) as http:
                 health = http.get("/healthz").json()
                 assert (health["status"], health["database"]) == ("ok", "postgres")
-                workflow_id = start_fan_out(http, 5, 3)
+                # Crash mid fan-out: exit 137; `docker compose start app` finishes it.
+                workflow_id = start_fan_out(http, **LONG)
+                wait_mid_fan_out(http, workflow_id)
+                app = project.container("app")
+                answer = http.post("/shutdown", params={"mode": "crash"}, headers=auth)
+                assert answer.status_code == 202, answer.text
+                assert hd.docker("wait", app).stdout.strip() == "137"
+                project.run("start", "app")
+                hd.wait_until(lambda: project.health("app") == "healthy", 240, "app healthy again")
                 done = wait_done(http, workflow_id)
-            assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
-            listed = project.run(
-                "exec", "-T", "app", "dbos", "workflow", "list", "--name", "fan_out"
-            )
+            assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(**LONG))
+            listed = project.run("exec", "-T", "app", "dbos", "workflow", "list", "--limit", "5")
             assert workflow_id in listed.stdout
-            app = project.container("app")
+            # `docker compose logs app`: JSON lines (read without compose's name prefix).
+            records = parse_json_lines(hd.docker("logs", app).stdout)
+            assert any(r.get("message") == "Application startup complete." for r in records)
+            # A graceful stop, within the grace.
             started = time.monotonic()
             project.run("stop", "--timeout", str(GRACE), "app")
             assert hd.docker("wait", app).stdout.strip() == "143"
             assert time.monotonic() - started < GRACE
+            # Workflows survive `down` (the pgdata volume); `down --volumes` deletes them.
+            project.run("down", "--timeout", str(GRACE))
+            project.run("up", "--detach", "--no-build", timeout=600)
+            hd.wait_until(lambda: project.health("app") == "healthy", 240, "the app after down/up")
+            with httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=30) as http:
+                assert view(http, workflow_id)["status"] == "SUCCESS"
         finally:
             logs = project.run("logs", "--no-color", check=False)
             (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
