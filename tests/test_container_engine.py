@@ -32,7 +32,8 @@ from harness.env import remember_secrets
 from harness.fanout import fan_out_result, ledger_runs
 from harness.proc import free_port, parse_json_lines
 
-pytestmark = pytest.mark.slow
+# Generous: the first test also builds the image (about a minute from scratch).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUNTIME_LOCK = REPO / "requirements-runtime.txt"
 GRACE = 10  # docker stop's default: SIGTERM, then SIGKILL after this many seconds
