@@ -61,14 +61,20 @@ def engine_problem() -> str | None:
         return f"the Docker engine at {where} did not answer within 30 s"
     if probe.returncode != 0:
         return (
-            f"no Docker engine at {where} ({probe.stderr.strip()[:200]}); start one with "
-            f'`{ENGINE_SCRIPT} all` and `eval "$({ENGINE_SCRIPT} env)"`'
+            f"no Docker engine at {where} ({probe.stderr.strip()[:200]}); here, start one: "
+            f'`{ENGINE_SCRIPT} base && {ENGINE_SCRIPT} postgres; eval "$({ENGINE_SCRIPT} env)"`'
         )
+    # Never a pull: no registry is reachable here (and none may be tried).
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        return (
-            f"the engine at {where} has no {BASE_IMAGE} (no registry here: `{ENGINE_SCRIPT} base`)"
-        )
+        return missing_image(BASE_IMAGE, "base")
     return None
+
+
+def missing_image(image: str, engine_step: str) -> str:
+    return (
+        f"the engine has no {image} image; here: `{ENGINE_SCRIPT} {engine_step}` (a stand-in, "
+        f"no registry is reachable); elsewhere: `docker pull {image}`"
+    )
 
 
 def docker(

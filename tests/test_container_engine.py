@@ -465,9 +465,7 @@ def test_compose_runs_the_projects_services_for_real(
     """docker-compose.yml's services, with the stand-in postgres:17, on host networking."""
     need(None if hd.compose_cli() else "no docker compose CLI (Debian: docker-compose)")
     if hd.docker("image", "inspect", "postgres:17", check=False).returncode != 0:
-        need(
-            f"no postgres:17 image on the engine (no registry here: `{hd.ENGINE_SCRIPT} postgres`)"
-        )
+        need(hd.missing_image("postgres:17", "postgres"))  # never a pull
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     app_port, pg_port = free_port(), free_port()
     variant = hd.host_network_compose(compose, image, app_port, pg_port)
