@@ -181,12 +181,12 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
         )
         total = min(_int_arg(wf, 0) or len(children), max_steps)
         by_index: dict[int, Any] = {}
-        for child in children:
-            suffix = child.workflow_id[len(workflow_id) + 1 :]
-            if child.workflow_id.startswith(workflow_id + "-") and suffix.isdigit():
+        for wf_child in children:
+            suffix = wf_child.workflow_id[len(workflow_id) + 1 :]
+            if wf_child.workflow_id.startswith(workflow_id + "-") and suffix.isdigit():
                 index = int(suffix) - 1
                 if 0 <= index < total:
-                    by_index[index] = child
+                    by_index[index] = wf_child
         rows = []
         for index in range(total):
             child = by_index.get(index)
