@@ -171,6 +171,12 @@
       (v.max_n !== null ? `, max_n ${v.max_n}` : "") +
       `; ${v.rerun} step${v.rerun === 1 ? "" : "s"} ran again after a recovery` +
       (v.attempts > 1 ? `; the fan-out itself was recovered ${v.attempts - 1}×` : "");
+    for (const li of $("fanouts").children) {
+      if (li.dataset.workflowId === v.workflow_id && li.dataset.status !== v.status) {
+        li.dataset.status = v.status;
+        li.firstChild.textContent = v.status;
+      }
+    }
     $("progress-bar").style.width = `${v.total ? (100 * v.done) / v.total : 0}%`;
 
     const grid = $("grid");
@@ -189,11 +195,16 @@
       if (ran && s.executor_id) executors.add(s.executor_id);
       for (const r of earlier.get(s.index) || []) if (r.executor) executors.add(r.executor);
     });
-    $("legend").replaceChildren("workers: ", ...[...executors].sort().map((e) => {
-      const c = chip(e);
-      paint(c, e);
-      return c;
-    }));
+    const legend = $("legend");
+    const workers = [...executors].sort();
+    if (legend.dataset.workers !== workers.join(" ")) {
+      legend.dataset.workers = workers.join(" ");
+      legend.replaceChildren("workers: ", ...workers.map((e) => {
+        const c = chip(e);
+        paint(c, e);
+        return c;
+      }));
+    }
     renderGantt(v);
   }
 

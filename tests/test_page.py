@@ -1,0 +1,271 @@
+"""The shutdown demo's live page (lab/page.py, lab/static/) in a real browser.
+
+Debian's Chromium, headless, driven by Playwright (no browser download): the test starts
+a fan-out from the page's form, watches the grid fill, types the SHUTDOWN_TOKEN into the
+page and crashes the server with the page's button (the app's real
+``POST /shutdown?mode=crash``), starts a new server on the same port and database, and
+checks on the page's DOM that it reconnected by itself, that the fan-out finished, and
+that exactly the steps the database shows as dispatched twice are marked as re-run (and
+the FIB_LEDGER file agrees: every unmarked step body ran once). It runs against one
+worker and ``WORKERS=2`` on Postgres and against SQLite.
+
+It also checks what the page may and may not do: every request it makes goes to the
+app's origin, and the token shows up in one request only (the crash, in its
+Authorization header), never in the page's HTML, storage, cookies or any URL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import AppServer, free_port, ledger_runs, query, script_env
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "page-token-5e2a91c4d7"  # typed into the page; must never reach a log
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Headless Chromium as root needs --no-sandbox; the rest keeps it from calling home.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Steps 32..39 compute fib(32) (~0.3 s of CPU each here): enough time to crash while
+# they run, small enough for a shared 2-core machine.
+STEPS, MAX_N = 40, 32
+SCRIPT = "fastapi_scope_shutdown.py"
+SLOT_PREFIX = "sched-shutdown-every-5s-"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.path.exists(CHROMIUM):
+        reason = "no Chromium: apt-get install chromium"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def app_server(tmp_path: Path, db_url: str, workers: int | None, port: int, name: str) -> AppServer:
+    """``uvicorn fastapi_scope_shutdown:app`` (one process) or ``python
+    fastapi_scope_shutdown.py`` with WORKERS processes, on a fixed port."""
+    env = script_env(db_url, SHUTDOWN_TOKEN=TOKEN, FIB_LEDGER=str(tmp_path / "ledger.txt"))
+    log = tmp_path / f"{name}.log"
+    if workers is None:
+        return AppServer("fastapi_scope_shutdown:app", env, log, port=port)
+    env["WORKERS"] = str(workers)
+    return AppServer.script(SCRIPT, env, log, port=port)
+
+
+def cells(page: Any) -> list[dict[str, Any]]:
+    """The grid as the page shows it: one dict per step cell."""
+    return list(
+        page.eval_on_selector_all(
+            "#grid .cell",
+            """cells => cells.map(c => ({
+                index: Number(c.dataset.index), status: c.dataset.status,
+                executor: c.dataset.executor, attempts: Number(c.dataset.attempts),
+                rerun: c.classList.contains('rerun'), colour: getComputedStyle(c).backgroundColor,
+            }))""",
+        )
+    )
+
+
+def step_rows(db_url: str, parent: str) -> dict[int, tuple[str, str | None, int]]:
+    """step index -> (status, executor id, dispatches) from workflow_status."""
+    rows = query(
+        db_url,
+        "SELECT workflow_uuid, status, executor_id, recovery_attempts FROM dbos.workflow_status "
+        "WHERE parent_workflow_id = %s",
+        parent,
+    )
+    return {int(wf.rsplit("-", 1)[1]) - 1: (st, ex, int(n)) for wf, st, ex, n in rows}
+
+
+def check_endpoints(server: AppServer, workflow_id: str) -> None:
+    """The JSON the page reads: validated, bounded, no secrets."""
+    c = server.client
+    home = c.get("/")
+    assert home.status_code == 200 and home.headers["content-type"].startswith("text/html")
+    assert "connect-src 'self'" in home.headers["content-security-policy"]
+    assert TOKEN not in home.text
+    view = c.get(f"/workflows/{workflow_id}/steps")
+    assert view.status_code == 200, view.text
+    body = view.json()
+    assert body["total"] == STEPS and len(body["steps"]) == STEPS and body["max_n"] == MAX_N
+    assert [s["index"] for s in body["steps"]] == list(range(STEPS))
+    assert TOKEN not in view.text
+    assert c.get("/workflows/no-such-fan-out/steps").status_code == 404
+    assert c.get("/workflows/%00/steps").status_code == 404
+    assert c.get(f"/workflows/{'x' * 201}/steps").status_code == 422
+    slot = c.get("/schedule/slots", params={"limit": 1}).json()
+    assert len(slot) == 1 and slot[0]["workflow_id"].startswith(SLOT_PREFIX)
+    # a workflow that is not a fan-out
+    assert c.get(f"/workflows/{slot[0]['workflow_id']}/steps").status_code == 404
+    for path in ("/fanouts", "/schedule/slots"):
+        for bad in ("0", "51", "x"):
+            answer = c.get(path, params={"limit": bad})
+            assert answer.status_code == 422, (path, bad, answer.text)
+        assert len(c.get(path, params={"limit": 50}).json()) <= 50
+    recent = c.get("/fanouts").json()
+    assert recent[0]["workflow_id"] == workflow_id
+    assert (recent[0]["steps"], recent[0]["max_n"]) == (STEPS, MAX_N)
+
+
+@pytest.mark.parametrize(
+    ("database", "workers"),
+    [("postgres", None), ("postgres", 2), ("sqlite", None)],
+    ids=["postgres-1-worker", "postgres-WORKERS=2", "sqlite"],
+)
+def test_live_page_crash_and_recovery(
+    request: pytest.FixtureRequest,
+    browser: Any,
+    tmp_path: Path,
+    database: str,
+    workers: int | None,
+) -> None:
+    db_url = request.getfixturevalue("pg_url" if database == "postgres" else "sqlite_url")
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    servers = [app_server(tmp_path, db_url, workers, port, "first").start()]
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    seen: list[Any] = []  # every request the page makes
+    context.on("request", lambda r: seen.append(r))
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{origin}/")
+        # The form comes from the OpenAPI schema of POST /trigger_async.
+        page.fill("#param-steps", str(STEPS))
+        page.fill("#param-max_n", str(MAX_N))
+        page.click("#trigger")
+        page.wait_for_selector("#trigger-result[data-status='202']")
+        page.wait_for_function("() => document.querySelector('#fanout').dataset.workflowId !== ''")
+        workflow_id = page.get_attribute("#fanout", "data-workflow-id")
+        assert workflow_id
+        page.wait_for_selector(f"#fanouts li[data-workflow-id='{workflow_id}']")
+
+        # The grid fills: small steps are done while the big ones (fib(32)) still run.
+        page.wait_for_function(
+            """heavy => {
+                const cs = [...document.querySelectorAll('#grid .cell')];
+                const running = c => c.dataset.status === 'PENDING' && +c.dataset.index >= heavy;
+                return cs.some(c => c.dataset.status === 'SUCCESS') && cs.some(running);
+            }""",
+            arg=MAX_N - 2,
+        )
+        before = cells(page)
+        assert len(before) == STEPS
+        done_before = {c["index"] for c in before if c["status"] == "SUCCESS"}
+        assert all(c["executor"] for c in before if c["status"] in ("SUCCESS", "PENDING"))
+
+        # Crash from the page, with the token typed in.
+        page.fill("#token", TOKEN)
+        assert TOKEN not in page.content()
+        page.click("#crash")
+        page.wait_for_selector("#stop-result[data-status='202']")
+        assert page.input_value("#token") == ""  # the box is cleared after use
+        page.wait_for_selector("#conn[data-state='offline']")
+        assert servers[0].wait_exit(30) is not None
+        status = query(
+            db_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = %s", workflow_id
+        )
+        assert status == [("PENDING",)], "the crash came after the fan-out finished"
+
+        # Start it again on the same port and database: the page finds it by itself.
+        servers.append(app_server(tmp_path, db_url, workers, port, "second").start())
+        page.wait_for_selector("#conn[data-state='online'][data-outages='1']")
+        page.wait_for_selector("#fanout-summary[data-status='SUCCESS']", timeout=120_000)
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#grid .cell.s-SUCCESS').length === {STEPS}"
+        )
+        after = cells(page)
+        page.screenshot(path=str(tmp_path / "live-page.png"), full_page=True)
+
+        # The marks are the database's: steps dispatched twice, nothing else.
+        rows = step_rows(db_url, workflow_id)
+        assert sorted(rows) == list(range(STEPS))
+        assert all(status == "SUCCESS" for status, _, _ in rows.values())
+        marked = {c["index"] for c in after if c["rerun"]}
+        assert marked == {i for i, (_, _, n) in rows.items() if n > 1}
+        assert marked, "no step ran again: the crash found nothing running"
+        assert not marked & done_before, "a step done before the crash ran again"
+        assert int(page.get_attribute("#fanout-summary", "data-rerun") or -1) == len(marked)
+        runs = ledger_runs(tmp_path / "ledger.txt", workflow_id)
+        assert all(runs[i] == 1 for i in range(STEPS) if i not in marked), runs
+        assert {i for i in range(STEPS) if runs[i] > 1} <= marked, runs
+        for c in after:
+            assert c["attempts"] == rows[c["index"]][2]
+            assert c["executor"] == rows[c["index"]][1]
+        # Coloured by worker: one colour per executor id, the legend's.
+        colours = {c["executor"]: c["colour"] for c in after}
+        assert len(set(colours.values())) == len(colours)
+        legend = page.eval_on_selector_all(
+            "#legend .chip",
+            "cs => Object.fromEntries(cs.map("
+            "c => [c.textContent, getComputedStyle(c).backgroundColor]))",
+        )
+        assert {k: legend[k] for k in colours} == colours
+        expected = {f"shutdown-{n}" for n in range(workers or 1)}
+        assert set(colours) <= expected
+        assert page.locator("#gantt .row").count() == STEPS
+
+        # The schedule's slots, each with the worker that ran it.
+        page.wait_for_selector("#slots tr[data-status='SUCCESS']")
+        slot_rows = page.eval_on_selector_all(
+            "#slots tr", "rs => rs.map(r => [r.dataset.workflowId, r.dataset.executor])"
+        )
+        for slot_id, executor in slot_rows:
+            assert slot_id.startswith(SLOT_PREFIX)
+            db = query(
+                db_url,
+                "SELECT executor_id FROM dbos.workflow_status WHERE workflow_uuid = %s",
+                slot_id,
+            )
+            assert db and (executor == db[0][0] or not executor)
+
+        check_endpoints(servers[-1], workflow_id)
+
+        # Where the page went and where the token went.
+        assert not page_errors
+        urls = [r.url for r in seen]
+        assert all(u == origin or u.startswith(origin + "/") for u in urls), urls
+        carriers = []
+        for r in seen:
+            headers = r.all_headers()
+            if (
+                TOKEN in r.url
+                or TOKEN in (r.post_data or "")
+                or any(TOKEN in v for v in headers.values())
+            ):
+                carriers.append((r.method, r.url, headers.get("authorization")))
+        assert carriers == [("POST", f"{origin}/shutdown?mode=crash", f"Bearer {TOKEN}")]
+        assert TOKEN not in page.content()
+        storage = page.evaluate(
+            "() => [localStorage.length, sessionStorage.length, document.cookie]"
+        )
+        assert storage == [0, 0, ""]
+        assert context.cookies() == []
+    finally:
+        context.close()
+        for server in servers:
+            server.close()
