@@ -29,8 +29,9 @@ from helpers import (
     wait_for,
 )
 
+from fastapi_scope_shutdown import GRACE_SECONDS
+
 TOKEN = "test-token-7c1d0e"  # must never show up in a log
-GRACE_SECONDS = 5  # fastapi_scope_shutdown.GRACE_SECONDS
 SCRIPT = REPO / "fastapi_scope_shutdown.py"
 
 
