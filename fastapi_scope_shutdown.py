@@ -23,7 +23,7 @@ from dbos import DBOS
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from lab import config, logs, signals
+from lab import config, logs, page, signals
 from lab.health import HealthCheck
 from lab.launch import check_reachable, launch
 from lab.slots import ExecutorSlots
@@ -154,6 +154,8 @@ app = FastAPI(
     "crash shutdown, recovery, several workers.",
     lifespan=lifespan,
 )
+# GET /: a live page of the fan-outs and the schedule (and the JSON it reads).
+app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX_STEPS))
 
 
 @app.post("/trigger_async", status_code=202)
