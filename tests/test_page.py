@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from helpers import AppServer, free_port, ledger_runs, query, script_env
@@ -46,7 +46,7 @@ SCRIPT = "fastapi_scope_shutdown.py"
 SLOT_PREFIX = "sched-shutdown-every-5s-"
 
 
-def _missing(reason: str) -> None:
+def _missing(reason: str) -> NoReturn:
     """Skip, except under CI=true, where a missing browser is a failure."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(reason)
