@@ -157,6 +157,11 @@ def test_live_page_crash_and_recovery(
     page = context.new_page()
     page_errors: list[str] = []
     page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    # A request the page's Content-Security-Policy blocked shows up here only.
+    page.on(
+        "console",
+        lambda m: page_errors.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     page.set_default_timeout(60_000)
     try:
         page.goto(f"{origin}/")
