@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from helpers import AppServer, free_port, ledger_runs, query, script_env
+
+from harness.apps import shutdown_app as demo
+from harness.db import query, workflow_status
+from harness.fanout import child_index, demo_server, ledger_runs
+from harness.proc import free_port
+from harness.server import AppServer
+from lab.page import MAX_ID_LENGTH, MAX_LIMIT
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +47,8 @@ CHROMIUM_ARGS = [
 ]
 # Steps 32..39 compute fib(32) (~0.3 s of CPU each here): enough time to crash while
 # they run, small enough for a shared 2-core machine.
-STEPS, MAX_N = 40, 32
-SCRIPT = "fastapi_scope_shutdown.py"
-SLOT_PREFIX = "sched-shutdown-every-5s-"
+STEPS, MAX_N = 40, demo.MAX_MAX_N
+SLOT_PREFIX = f"sched-{demo.SCHEDULE}-"
 
 
 def _missing(reason: str) -> NoReturn:
@@ -70,14 +75,15 @@ def browser() -> Iterator[Any]:
 
 
 def app_server(tmp_path: Path, db_url: str, workers: int | None, port: int, name: str) -> AppServer:
-    """``uvicorn fastapi_scope_shutdown:app`` (one process) or ``python
-    fastapi_scope_shutdown.py`` with WORKERS processes, on a fixed port."""
-    env = script_env(db_url, SHUTDOWN_TOKEN=TOKEN, FIB_LEDGER=str(tmp_path / "ledger.txt"))
-    log = tmp_path / f"{name}.log"
-    if workers is None:
-        return AppServer("fastapi_scope_shutdown:app", env, log, port=port)
-    env["WORKERS"] = str(workers)
-    return AppServer.script(SCRIPT, env, log, port=port)
+    """The demo with the token and the ledger, on a fixed port (the restart reuses it)."""
+    return demo_server(
+        db_url,
+        tmp_path / f"{name}.log",
+        workers=workers,
+        token=TOKEN,
+        ledger=tmp_path / "ledger.txt",
+        port=port,
+    )
 
 
 def cells(page: Any) -> list[dict[str, Any]]:
@@ -102,7 +108,8 @@ def step_rows(db_url: str, parent: str) -> dict[int, tuple[str, str | None, int]
         "WHERE parent_workflow_id = %s",
         parent,
     )
-    return {int(wf.rsplit("-", 1)[1]) - 1: (st, ex, int(n)) for wf, st, ex, n in rows}
+    found = {child_index(wf): (st, ex, int(n)) for wf, st, ex, n in rows}
+    return {i: row for i, row in found.items() if i is not None}
 
 
 def check_endpoints(server: AppServer, workflow_id: str) -> None:
@@ -120,16 +127,16 @@ def check_endpoints(server: AppServer, workflow_id: str) -> None:
     assert TOKEN not in view.text
     assert c.get("/workflows/no-such-fan-out/steps").status_code == 404
     assert c.get("/workflows/%00/steps").status_code == 404
-    assert c.get(f"/workflows/{'x' * 201}/steps").status_code == 422
+    assert c.get(f"/workflows/{'x' * (MAX_ID_LENGTH + 1)}/steps").status_code == 422
     slot = c.get("/schedule/slots", params={"limit": 1}).json()
     assert len(slot) == 1 and slot[0]["workflow_id"].startswith(SLOT_PREFIX)
     # a workflow that is not a fan-out
     assert c.get(f"/workflows/{slot[0]['workflow_id']}/steps").status_code == 404
     for path in ("/fanouts", "/schedule/slots"):
-        for bad in ("0", "51", "x"):
+        for bad in ("0", str(MAX_LIMIT + 1), "x"):
             answer = c.get(path, params={"limit": bad})
             assert answer.status_code == 422, (path, bad, answer.text)
-        assert len(c.get(path, params={"limit": 50}).json()) <= 50
+        assert len(c.get(path, params={"limit": MAX_LIMIT}).json()) <= MAX_LIMIT
     recent = c.get("/fanouts").json()
     assert recent[0]["workflow_id"] == workflow_id
     assert (recent[0]["steps"], recent[0]["max_n"]) == (STEPS, MAX_N)
@@ -197,10 +204,8 @@ def test_live_page_crash_and_recovery(
         assert page.input_value("#token") == ""  # the box is cleared after use
         page.wait_for_selector("#conn[data-state='offline']")
         assert servers[0].wait_exit(30) is not None
-        status = query(
-            db_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = %s", workflow_id
-        )
-        assert status == [("PENDING",)], "the crash came after the fan-out finished"
+        status = workflow_status(db_url, workflow_id)
+        assert status == "PENDING", "the crash came after the fan-out finished"
 
         # Start it again on the same port and database: the page finds it by itself.
         servers.append(app_server(tmp_path, db_url, workers, port, "second").start())
