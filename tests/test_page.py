@@ -29,9 +29,8 @@ from harness.db import query, workflow_status
 from harness.fanout import child_index, demo_server, ledger_runs
 from harness.proc import free_port
 from harness.server import AppServer
+from lab import page as live_page
 from lab.page import MAX_ID_LENGTH, MAX_LIMIT
-
-pytestmark = pytest.mark.slow
 
 TOKEN = "page-token-5e2a91c4d7"  # typed into the page; must never reach a log
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -142,6 +141,32 @@ def check_endpoints(server: AppServer, workflow_id: str) -> None:
     assert (recent[0]["steps"], recent[0]["max_n"]) == (STEPS, MAX_N)
 
 
+# --- the page's files, without a server (fast) -------------------------------------------
+
+
+def test_page_is_self_contained_and_keeps_nothing() -> None:
+    """One small page, served with a policy that lets it reach its own origin only; no
+    third-party code, no URL of another origin, no browser storage. (The browser test
+    checks what it does; this checks what it is.)"""
+    policy = live_page.HEADERS["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
+    files = sorted(live_page.STATIC.iterdir())
+    assert [f.name for f in files] == ["page.css", "page.html", "page.js"]
+    lines = 0
+    for f in files:
+        text = f.read_text()
+        lines += len(text.splitlines())
+        assert "http://" not in text and "https://" not in text, f.name
+        for store in ("localStorage", "sessionStorage", "document.cookie", "indexedDB"):
+            assert store not in text, (f.name, store)
+    assert lines <= 500  # "a few hundred lines at most"
+    html = (live_page.STATIC / "page.html").read_text()
+    assert "<script>" not in html and " style=" not in html  # the policy allows no inline code
+    assert 'type="password"' in html and 'autocomplete="off"' in html
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("database", "workers"),
     [("postgres", None), ("postgres", 2), ("sqlite", None)],
