@@ -235,7 +235,10 @@
       line.style.left = x(m.t);
       return line;
     });
-    $("gantt").replaceChildren(...rows, ...lines);
+    const axis = el("div", {className: "axis"},
+      el("span", {textContent: "0 s (fan-out started)"}),
+      el("span", {textContent: `${(span / 1000).toFixed(1)} s`}));
+    $("gantt").replaceChildren(axis, ...rows, ...lines);
   }
 
   // --- the schedule ------------------------------------------------------------------------
@@ -286,7 +289,7 @@
       } catch (err) {
         // shown by the connection badge; try again
       }
-      await sleep(online === false ? 1000 : ms);
+      await sleep(online === false ? 1000 : typeof ms === "function" ? ms() : ms);
     }
   }
   loop(async () => {
@@ -294,9 +297,11 @@
   }, 3000);
   loop(refreshFanouts, 2000);
   loop(refreshSlots, 2500);
+  let stepsEvery = 500; // ms; longer for big fan-outs (up to 2 s for 500 steps)
   loop(async () => {
     if (!chosen) return;
     const v = await getJSON(`/workflows/${encodeURIComponent(chosen)}/steps`);
+    stepsEvery = Math.max(500, 4 * v.total);
     if (v.workflow_id === chosen) renderSteps(v);
-  }, 500);
+  }, () => stepsEvery);
 })();
