@@ -198,6 +198,12 @@ def test_live_page_crash_and_recovery(
     try:
         page.goto(f"{origin}/")
         # The form comes from the OpenAPI schema of POST /trigger_async.
+        schema = servers[0].client.get("/openapi.json").json()
+        params = schema["paths"]["/trigger_async"]["post"]["parameters"]
+        fields = page.eval_on_selector_all(
+            "#trigger-fields input, #trigger-fields select", "fs => fs.map(f => f.name)"
+        )
+        assert sorted(fields) == sorted(p["name"] for p in params if p["in"] == "query")
         page.fill("#param-steps", str(STEPS))
         page.fill("#param-max_n", str(MAX_N))
         page.click("#trigger")
@@ -286,6 +292,18 @@ def test_live_page_crash_and_recovery(
 
         check_endpoints(servers[-1], workflow_id)
 
+        # The stop buttons: a wrong token is refused and the server keeps serving; the
+        # right one stops it gracefully (exit 0, or -15: uvicorn re-raises the SIGTERM).
+        page.fill("#token", "not-the-token")
+        page.click("#graceful")
+        page.wait_for_selector("#stop-result[data-status='401']")
+        assert servers[-1].running
+        page.fill("#token", TOKEN)
+        page.click("#graceful")
+        page.wait_for_selector("#stop-result[data-status='202']")
+        assert servers[-1].wait_exit(60) in (0, -15)
+        page.wait_for_selector("#conn[data-state='offline'][data-outages='2']")
+
         # Where the page went and where the token went.
         assert not page_errors
         urls = [r.url for r in seen]
@@ -299,7 +317,10 @@ def test_live_page_crash_and_recovery(
                 or any(TOKEN in v for v in headers.values())
             ):
                 carriers.append((r.method, r.url, headers.get("authorization")))
-        assert carriers == [("POST", f"{origin}/shutdown?mode=crash", f"Bearer {TOKEN}")]
+        assert carriers == [
+            ("POST", f"{origin}/shutdown?mode={mode}", f"Bearer {TOKEN}")
+            for mode in ("crash", "graceful")
+        ]
         assert TOKEN not in page.content()
         storage = page.evaluate(
             "() => [localStorage.length, sessionStorage.length, document.cookie]"
