@@ -63,6 +63,7 @@ class FanOutSteps(BaseModel):
     attempts: int
     total: int
     max_n: int | None
+    mode: str | None  # where the steps compute (process|thread), if the fan-out says
     done: int
     rerun: int  # steps dispatched more than once
     steps: list[Step]
@@ -76,6 +77,7 @@ class FanOut(BaseModel):
     completed_at: int | None
     steps: int | None
     max_n: int | None
+    mode: str | None
 
 
 class Slot(BaseModel):
@@ -88,10 +90,22 @@ class Slot(BaseModel):
     completed_at: int | None
 
 
+def _arg(wf: Any, position: int) -> Any:
+    """A positional input of a workflow (None when it has fewer)."""
+    args = list((wf.input or {}).get("args") or [])
+    return args[position] if len(args) > position else None
+
+
 def _int_arg(wf: Any, position: int) -> int | None:
-    args = (wf.input or {}).get("args") or ()
-    value = args[position] if len(args) > position else None
+    value = _arg(wf, position)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _mode(wf: Any) -> str | None:
+    """The fan-out's third input, when it has one: where its steps compute
+    (``executor=process|thread``)."""
+    value = _arg(wf, 2)
+    return value if isinstance(value, str) and len(value) <= 20 else None
 
 
 def _static(name: str, media_type: str) -> Callable[[], Response]:
@@ -150,6 +164,7 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
                 completed_at=wf.completed_at,
                 steps=_int_arg(wf, 0),
                 max_n=_int_arg(wf, 1),
+                mode=_mode(wf),
             )
             for wf in found
         ]
@@ -227,6 +242,7 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
             attempts=wf.recovery_attempts or 0,
             total=total,
             max_n=_int_arg(wf, 1),
+            mode=_mode(wf),
             done=sum(r.status == "SUCCESS" for r in rows),
             rerun=sum(r.attempts > 1 for r in rows),
             steps=rows,

@@ -111,7 +111,7 @@ def step_rows(db_url: str, parent: str) -> dict[int, tuple[str, str | None, int]
     return {i: row for i, row in found.items() if i is not None}
 
 
-def check_endpoints(server: AppServer, workflow_id: str) -> None:
+def check_endpoints(server: AppServer, workflow_id: str, mode: str | None) -> None:
     """The JSON the page reads: validated, bounded, no secrets."""
     c = server.client
     home = c.get("/")
@@ -138,7 +138,8 @@ def check_endpoints(server: AppServer, workflow_id: str) -> None:
         assert len(c.get(path, params={"limit": MAX_LIMIT}).json()) <= MAX_LIMIT
     recent = c.get("/fanouts").json()
     assert recent[0]["workflow_id"] == workflow_id
-    assert (recent[0]["steps"], recent[0]["max_n"]) == (STEPS, MAX_N)
+    assert (recent[0]["steps"], recent[0]["max_n"], recent[0]["mode"]) == (STEPS, MAX_N, mode)
+    assert body["mode"] == mode
 
 
 # --- the page's files, without a server (fast) -------------------------------------------
@@ -168,9 +169,9 @@ def test_page_is_self_contained_and_keeps_nothing() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("database", "workers"),
-    [("postgres", None), ("postgres", 2), ("sqlite", None)],
-    ids=["postgres-1-worker", "postgres-WORKERS=2", "sqlite"],
+    ("database", "workers", "mode"),
+    [("postgres", None, "thread"), ("postgres", 2, "process"), ("sqlite", None, None)],
+    ids=["postgres-1-worker-thread", "postgres-WORKERS=2-process", "sqlite-default"],
 )
 def test_live_page_crash_and_recovery(
     request: pytest.FixtureRequest,
@@ -178,7 +179,9 @@ def test_live_page_crash_and_recovery(
     tmp_path: Path,
     database: str,
     workers: int | None,
+    mode: str | None,
 ) -> None:
+    """``mode``: the executor the form picks when the app offers one (None: its default)."""
     db_url = request.getfixturevalue("pg_url" if database == "postgres" else "sqlite_url")
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
@@ -206,6 +209,13 @@ def test_live_page_crash_and_recovery(
         assert sorted(fields) == sorted(p["name"] for p in params if p["in"] == "query")
         page.fill("#param-steps", str(STEPS))
         page.fill("#param-max_n", str(MAX_N))
+        offered = {p["name"]: p["schema"].get("default") for p in params}
+        if "executor" in offered:
+            if mode:
+                page.select_option("#param-executor", mode)
+            mode = mode or offered["executor"]
+        else:
+            mode = None
         page.click("#trigger")
         page.wait_for_selector("#trigger-result[data-status='202']")
         page.wait_for_function("() => document.querySelector('#fanout').dataset.workflowId !== ''")
@@ -290,7 +300,7 @@ def test_live_page_crash_and_recovery(
             )
             assert db and (executor == db[0][0] or not executor)
 
-        check_endpoints(servers[-1], workflow_id)
+        check_endpoints(servers[-1], workflow_id, mode)
 
         # The stop buttons: a wrong token is refused and the server keeps serving; the
         # right one stops it gracefully (exit 0, or -15: uvicorn re-raises the SIGTERM).

@@ -137,7 +137,7 @@
     const list = await getJSON("/fanouts?limit=10");
     $("fanouts").replaceChildren(...list.map((f) => {
       const li = el("li", {}, el("span", {className: "st", textContent: f.status}),
-        `${f.workflow_id} steps=${f.steps} max_n=${f.max_n}`);
+        `${f.workflow_id} steps=${f.steps} max_n=${f.max_n}${f.mode ? ` ${f.mode}` : ""}`);
       li.dataset.workflowId = f.workflow_id;
       li.dataset.status = f.status;
       li.classList.toggle("chosen", f.workflow_id === chosen);
@@ -168,7 +168,7 @@
     const sum = $("fanout-summary");
     Object.assign(sum.dataset, {status: v.status, done: v.done, total: v.total, rerun: v.rerun});
     sum.textContent = `${v.status}: ${v.done} of ${v.total} steps done` +
-      (v.max_n !== null ? `, max_n ${v.max_n}` : "") +
+      (v.max_n !== null ? `, max_n ${v.max_n}` : "") + (v.mode ? `, computed in a ${v.mode}` : "") +
       `; ${v.rerun} step${v.rerun === 1 ? "" : "s"} ran again after a recovery` +
       (v.attempts > 1 ? `; the fan-out itself was recovered ${v.attempts - 1}×` : "");
     for (const li of $("fanouts").children) {
