@@ -168,7 +168,7 @@
     const sum = $("fanout-summary");
     Object.assign(sum.dataset, {status: v.status, done: v.done, total: v.total, rerun: v.rerun});
     sum.textContent = `${v.status}: ${v.done} of ${v.total} steps done` +
-      (v.max_n !== null ? `, max_n ${v.max_n}` : "") + (v.mode ? `, computed in a ${v.mode}` : "") +
+      (v.max_n !== null ? `, max_n ${v.max_n}` : "") + (v.mode ? `, executor=${v.mode}` : "") +
       `; ${v.rerun} step${v.rerun === 1 ? "" : "s"} ran again after a recovery` +
       (v.attempts > 1 ? `; the fan-out itself was recovered ${v.attempts - 1}×` : "");
     for (const li of $("fanouts").children) {
