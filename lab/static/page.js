@@ -188,7 +188,9 @@
       remember(s);
       const cell = grid.children[i];
       const ran = s.status === "PENDING" || s.status === "SUCCESS" || s.status === "ERROR";
-      cell.className = `cell s-${s.status}${s.attempts > 1 ? " rerun" : ""}`;
+      // ENQUEUED after a dispatch: a recovery put it back on the queue, to run again.
+      const again = s.status === "ENQUEUED" && s.attempts >= 1;
+      cell.className = `cell s-${s.status}${s.attempts > 1 ? " rerun" : ""}${again ? " again" : ""}`;
       Object.assign(cell.dataset, {index: s.index, status: s.status, executor: s.executor_id || "", attempts: s.attempts});
       paint(cell, ran ? s.executor_id : "");
       cell.title = `step ${s.index}: ${s.status}${s.executor_id ? ` on ${s.executor_id}` : ""}, dispatched ${s.attempts}×`;
