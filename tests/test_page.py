@@ -201,6 +201,7 @@ def test_live_page_crash_and_recovery(
     try:
         page.goto(f"{origin}/")
         # The form comes from the OpenAPI schema of POST /trigger_async.
+        page.wait_for_selector("#param-steps")  # the form is built from the schema
         schema = servers[0].client.get("/openapi.json").json()
         params = schema["paths"]["/trigger_async"]["post"]["parameters"]
         fields = page.eval_on_selector_all(
