@@ -95,7 +95,7 @@ def fib_step(index: int, n: int, executor: Executor = "process") -> int:
     if ledger:
         # One short O_APPEND write per body execution: atomic across processes.
         with open(ledger, "a") as f:
-            f.write(f"{index} {os.getpid()} {DBOS.workflow_id}\n")
+            f.write(f"{index} {os.getpid()} {DBOS.workflow_id} {executor}\n")
     return pool.run(fib, n) if executor == "process" else fib(n)
 
 
@@ -224,11 +224,12 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
     done = await DBOS.list_workflows_async(
         parent_workflow_id=workflow_id, status="SUCCESS", load_input=False, load_output=False
     )
-    total = wf.input["args"][0] if wf.input and wf.input["args"] else None
+    args = wf.input["args"] if wf.input else ()
     view: dict[str, Any] = {
         "workflow_id": workflow_id,
         "status": wf.status,
-        "progress": {"done": len(done), "total": total},
+        "executor": args[2] if len(args) > 2 else "process",  # as recorded
+        "progress": {"done": len(done), "total": args[0] if args else None},
     }
     if wf.status == "SUCCESS":
         view["result"] = wf.output
