@@ -19,8 +19,10 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from lab.logs import CONFIG_NAME, fail
+from lab.logs import fail
 
+# The name in dbos-config.yaml; application names are "experiment6-<app>".
+CONFIG_NAME = "experiment6"
 SQLITE_URL = f"sqlite:///{CONFIG_NAME}.sqlite"
 # Fail fast on an unreachable server instead of DBOS's 10 s default.
 CONNECT_TIMEOUT_SEC = 5
@@ -87,15 +89,15 @@ def check_database_url(url: str) -> str:
 
 
 def sqlite_needed(python: tuple[int, ...]) -> tuple[tuple[int, int], str]:
-    """The oldest SQLite DBOS 3.4 works with on this Python, and why.
+    """The oldest SQLite DBOS 3.4 works with on Python ``python``, and what needs it.
 
     DBOS's SQLite backend writes ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``
     (SQLite 3.35) on every Python, and on Python 3.12+ its timestamps are
     ``unixepoch('subsec')`` (SQLite 3.42; dbos/_migration.py, dbos/_sys_db.py).
     """
     if tuple(python[:2]) >= (3, 12):
-        return (3, 42), "DBOS uses unixepoch('subsec') on Python 3.12+"
-    return (3, 35), "DBOS uses INSERT ... RETURNING"
+        return (3, 42), "it uses unixepoch('subsec')"
+    return (3, 35), "it uses INSERT ... RETURNING"
 
 
 def check_sqlite_version(version: str, python: tuple[int, ...]) -> None:
@@ -109,10 +111,11 @@ def check_sqlite_version(version: str, python: tuple[int, ...]) -> None:
     if have >= needed:
         return
     py = ".".join(str(p) for p in python[:2])
+    least = f"{needed[0]}.{needed[1]}"
     raise ConfigError(
-        f"SQLite {version} is too old: DBOS needs SQLite >= {needed[0]}.{needed[1]} "
-        f"on Python {py} ({why}); use Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...) "
-        "or a Python whose sqlite3 module is new enough"
+        f"SQLite {version} is too old: DBOS 3.4 on Python {py} needs SQLite >= {least} "
+        f"({why}); use Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...) "
+        f"or a Python whose sqlite3 module has SQLite {least} or newer"
     )
 
 
