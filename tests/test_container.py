@@ -168,6 +168,9 @@ def test_the_dockerfile_installs_the_runtime_lock_and_nothing_else() -> None:
         ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements-runtime.txt"]
     ]
     assert parser.baseimage == "python:3.12-slim"
+    # uid 10001 lies above SYS_UID_MAX: `useradd --system` would warn about it.
+    (useradd,) = [cmd.split() for run in runs for cmd in run.split("&&") if "useradd" in cmd]
+    assert "--uid" in useradd and "--system" not in useradd and "--create-home" in useradd
 
 
 @pytest.mark.slow

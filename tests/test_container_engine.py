@@ -248,6 +248,16 @@ def test_the_image_declares_its_user_port_health_check_and_init(image: str) -> N
     assert (env["PORT"], env["HOST"]) == ("8000", "0.0.0.0")
     assert config["Healthcheck"]["Test"][0] == "CMD"
     assert config["Entrypoint"] == ["dumb-init", "--"]
+    # The app user: a regular account (uid 10001 lies in login.defs' UID_MIN..UID_MAX,
+    # so useradd has nothing to warn about, as it did with --system), with a home.
+    probe = "grep -E '^(UID_MIN|UID_MAX)[[:space:]]' /etc/login.defs; getent passwd app"
+    out = hd.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", probe
+    ).stdout.split("\n")  # fmt: skip
+    limits = dict(line.split() for line in out if line.startswith("UID_"))
+    assert int(limits["UID_MIN"]) <= int(UID) <= int(limits["UID_MAX"])
+    (passwd,) = [line for line in out if line.startswith("app:")]
+    assert passwd.split(":")[2:] == [UID, UID, "", "/home/app", "/usr/sbin/nologin"]
 
 
 # --- docker run -----------------------------------------------------------------------
