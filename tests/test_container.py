@@ -150,7 +150,7 @@ def test_each_lock_is_what_its_header_command_generates(name: str, tmp_path: Pat
     uv = shutil.which("uv", path=str(BIN)) or shutil.which("uv")
     assert uv, "uv (requirements-dev.in) is not installed"
     result = subprocess.run(
-        [uv, *command[1:], "--quiet", "--no-progress"],
+        [uv, *command[1:], "--quiet", "--no-progress", "--native-tls"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
