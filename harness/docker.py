@@ -112,12 +112,18 @@ def image_tag(context: Path = REPO) -> str:
 def build_image(tag: str, context: Path = REPO, log: Path | None = None) -> str:
     """``docker build --network host -t TAG CONTEXT`` with the context's own Dockerfile,
     unmodified; returns the image id. The output goes to ``log``."""
+    previous = docker("image", "inspect", "-f", "{{.Id}}", tag, check=False).stdout.strip()
     result = docker("build", "--network", "host", "-t", tag, str(context), timeout=900, check=False)
     if log is not None:
         log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise DockerError(f"docker build failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}")
-    return docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
+    built = docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
+    if previous and previous != built:  # this tag's previous build: gone if now untagged
+        tags = docker("image", "inspect", "-f", "{{len .RepoTags}}", previous, check=False)
+        if tags.stdout.strip() == "0":
+            docker("image", "rm", previous, check=False)
+    return built
 
 
 def image_config(tag: str) -> dict[str, Any]:
