@@ -23,7 +23,7 @@ from dbos import DBOS
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from lab import config, logs, signals
+from lab import config, logs, page, pool, signals
 from lab.health import HealthCheck
 from lab.launch import check_reachable, launch
 from lab.slots import ExecutorSlots
@@ -37,6 +37,10 @@ logs.uvicorn_logging(APP)
 
 QUEUE = "shutdown-fib"
 QUEUE_CONCURRENCY = 50  # steps running at once, across all workers
+# Steps one worker runs at once. Without it one worker's poll claims every free slot
+# (DBOS claims min(its room, global limit - running)) and the others mostly idle; at
+# half the limit, each of two workers claims a fair part of a fan-out.
+WORKER_CONCURRENCY = QUEUE_CONCURRENCY // 2
 # A step is dequeued on the next poll: at DBOS's default 1 s every wave would wait up
 # to a second. A poll is a few small indexed queries.
 QUEUE_POLLING_SEC = 0.2
@@ -73,6 +77,12 @@ health: HealthCheck | None = None  # made at startup, once the URL is known
 
 # --- the work ---------------------------------------------------------------
 
+# Where a step computes: "process" hands fib to the service's process pool (lab/pool.py,
+# FIB_PROCESSES processes, default the usable cores) and waits without holding the GIL;
+# "thread" computes in the DBOS step thread, where every step of the process shares one
+# core (the GIL) with the event loop, the queue poller and the enqueueing workflow.
+Executor = Literal["process", "thread"]
+
 
 def fib(n: int) -> int:
     """Naive on purpose: exponential CPU work, no I/O."""
@@ -80,20 +90,23 @@ def fib(n: int) -> int:
 
 
 @DBOS.step()
-def fib_step(index: int, n: int) -> int:
+def fib_step(index: int, n: int, executor: Executor = "process") -> int:
     ledger = os.environ.get("FIB_LEDGER")
     if ledger:
         # One short O_APPEND write per body execution: atomic across processes.
         with open(ledger, "a") as f:
-            f.write(f"{index} {os.getpid()} {DBOS.workflow_id}\n")
-    return fib(n)
+            f.write(f"{index} {os.getpid()} {DBOS.workflow_id} {executor}\n")
+    return pool.run(fib, n) if executor == "process" else fib(n)
 
 
 @DBOS.workflow()
-def fan_out(steps: int, max_n: int) -> list[int]:
+def fan_out(steps: int, max_n: int, executor: Executor = "process") -> list[int]:
     # Each enqueue is recorded in this workflow: a recovered run re-attaches to the
-    # same children instead of enqueueing new ones.
-    handles = [DBOS.enqueue_workflow(QUEUE, fib_step, i, min(i, max_n)) for i in range(steps)]
+    # same children instead of enqueueing new ones. The executor is an input of the
+    # workflow and of each step: a recovered fan-out computes the way it started.
+    handles = [
+        DBOS.enqueue_workflow(QUEUE, fib_step, i, min(i, max_n), executor) for i in range(steps)
+    ]
     return [h.get_result(polling_interval_sec=QUEUE_POLLING_SEC) for h in handles]
 
 
@@ -128,9 +141,16 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         "executor slot claimed",
         extra={"executor_id": slots.executor_id(slot), "slot": slot, "pid": os.getpid()},
     )
+    # Before DBOS launches: recovery may resume a fan-out at once. Its processes start
+    # (importing this module) while DBOS launches.
+    pool.start(config.int_env("FIB_PROCESSES", pool.usable_cores(), 1, pool.MAX_PROCESSES))
     await asyncio.to_thread(launch, cfg)
+    await asyncio.to_thread(pool.ready)
     await DBOS.register_queue_async(
-        QUEUE, global_concurrency=QUEUE_CONCURRENCY, polling_interval_sec=QUEUE_POLLING_SEC
+        QUEUE,
+        global_concurrency=QUEUE_CONCURRENCY,
+        worker_concurrency=WORKER_CONCURRENCY,
+        polling_interval_sec=QUEUE_POLLING_SEC,
     )
     await DBOS.apply_schedules_async(
         [{"schedule_name": SCHEDULE, "workflow_fn": every_five_seconds, "schedule": CRON}]
@@ -145,6 +165,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     # Synchronous on purpose: the server has stopped serving, and DBOS.destroy shuts
     # down the thread pool asyncio.to_thread would use.
     DBOS.destroy(workflow_completion_timeout_sec=GRACE_SECONDS)
+    # Only now: a computation cut off here can no longer be recorded, so it re-runs on
+    # recovery like any step still running at a stop.
+    pool.stop()
     slots.release()
 
 
@@ -154,6 +177,8 @@ app = FastAPI(
     "crash shutdown, recovery, several workers.",
     lifespan=lifespan,
 )
+# GET /: a live page of the fan-outs and the schedule (and the JSON it reads).
+app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX_STEPS))
 
 
 @app.post("/trigger_async", status_code=202)
@@ -170,9 +195,16 @@ async def trigger_async(
             "(fib(32) is about half a second of CPU)",
         ),
     ] = DEFAULT_MAX_N,
+    executor: Annotated[
+        Executor,
+        Query(
+            description="process: fib runs in the service's process pool; thread: in "
+            "the step's thread (the GIL: one core per server process)"
+        ),
+    ] = "process",
 ) -> dict[str, Any]:
     """Start the fan-out in the background; follow it with ``GET /workflows/{id}``."""
-    handle = await asyncio.to_thread(DBOS.start_workflow, fan_out, steps, max_n)
+    handle = await asyncio.to_thread(DBOS.start_workflow, fan_out, steps, max_n, executor)
     status = await DBOS.get_workflow_status_async(handle.workflow_id)
     return {"workflow_id": handle.workflow_id, "status": status.status if status else "PENDING"}
 
@@ -192,11 +224,12 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
     done = await DBOS.list_workflows_async(
         parent_workflow_id=workflow_id, status="SUCCESS", load_input=False, load_output=False
     )
-    total = wf.input["args"][0] if wf.input and wf.input["args"] else None
+    args = wf.input["args"] if wf.input else ()
     view: dict[str, Any] = {
         "workflow_id": workflow_id,
         "status": wf.status,
-        "progress": {"done": len(done), "total": total},
+        "executor": args[2] if len(args) > 2 else "process",  # as recorded
+        "progress": {"done": len(done), "total": args[0] if args else None},
     }
     if wf.status == "SUCCESS":
         view["result"] = wf.output
@@ -259,6 +292,7 @@ def main() -> None:
     url = config.url_or_exit()
     postgres = config.database_kind(url) == "postgres"
     workers = config.int_env("WORKERS", 2 if postgres else 1, 1, MAX_SLOTS)
+    config.int_env("FIB_PROCESSES", pool.usable_cores(), 1, pool.MAX_PROCESSES)  # fail early
     if workers > 1 and not postgres:
         logs.fail(
             f"WORKERS={workers} needs Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...): "

@@ -61,14 +61,20 @@ def engine_problem() -> str | None:
         return f"the Docker engine at {where} did not answer within 30 s"
     if probe.returncode != 0:
         return (
-            f"no Docker engine at {where} ({probe.stderr.strip()[:200]}); start one with "
-            f'`{ENGINE_SCRIPT} all` and `eval "$({ENGINE_SCRIPT} env)"`'
+            f"no Docker engine at {where} ({probe.stderr.strip()[:200]}); here, start one: "
+            f'`{ENGINE_SCRIPT} base && {ENGINE_SCRIPT} postgres; eval "$({ENGINE_SCRIPT} env)"`'
         )
+    # Never a pull: no registry is reachable here (and none may be tried).
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        return (
-            f"the engine at {where} has no {BASE_IMAGE} (no registry here: `{ENGINE_SCRIPT} base`)"
-        )
+        return missing_image(BASE_IMAGE, "base")
     return None
+
+
+def missing_image(image: str, engine_step: str) -> str:
+    return (
+        f"the engine has no {image} image; here: `{ENGINE_SCRIPT} {engine_step}` (a stand-in, "
+        f"no registry is reachable); elsewhere: `docker pull {image}`"
+    )
 
 
 def docker(
@@ -106,12 +112,18 @@ def image_tag(context: Path = REPO) -> str:
 def build_image(tag: str, context: Path = REPO, log: Path | None = None) -> str:
     """``docker build --network host -t TAG CONTEXT`` with the context's own Dockerfile,
     unmodified; returns the image id. The output goes to ``log``."""
+    previous = docker("image", "inspect", "-f", "{{.Id}}", tag, check=False).stdout.strip()
     result = docker("build", "--network", "host", "-t", tag, str(context), timeout=900, check=False)
     if log is not None:
         log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise DockerError(f"docker build failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}")
-    return docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
+    built = docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
+    if previous and previous != built:  # this tag's previous build: gone if now untagged
+        tags = docker("image", "inspect", "-f", "{{len .RepoTags}}", previous, check=False)
+        if tags.stdout.strip() == "0":
+            docker("image", "rm", previous, check=False)
+    return built
 
 
 def image_config(tag: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 ``fan_out(steps, max_n)`` enqueues one ``fib_step`` workflow per step; step i is the
 parent's operation i + 1 (child id ``<parent>-<i + 1>``) and computes
 ``fib(min(i, max_n))``. With ``FIB_LEDGER`` set, every step body appends a line
-``<index> <pid> <step workflow id>`` to that file, outside DBOS.
+``<index> <pid> <step workflow id> <executor>`` to that file, outside DBOS.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def ledger_runs(path: Path, parent: str) -> Counter[int]:
     for line in text.splitlines():
         parts = line.split()
         # A line cut by a SIGKILL (never seen: one short O_APPEND write) is skipped.
-        if len(parts) == 3 and parts[2].startswith(parent + "-"):
+        if len(parts) >= 3 and parts[2].startswith(parent + "-"):
             runs[int(parts[0])] += 1
     return runs
 

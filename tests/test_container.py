@@ -150,7 +150,7 @@ def test_each_lock_is_what_its_header_command_generates(name: str, tmp_path: Pat
     uv = shutil.which("uv", path=str(BIN)) or shutil.which("uv")
     assert uv, "uv (requirements-dev.in) is not installed"
     result = subprocess.run(
-        [uv, *command[1:], "--quiet", "--no-progress"],
+        [uv, *command[1:], "--quiet", "--no-progress", "--native-tls"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -168,6 +168,9 @@ def test_the_dockerfile_installs_the_runtime_lock_and_nothing_else() -> None:
         ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements-runtime.txt"]
     ]
     assert parser.baseimage == "python:3.12-slim"
+    # uid 10001 lies above SYS_UID_MAX: `useradd --system` would warn about it.
+    (useradd,) = [cmd.split() for run in runs for cmd in run.split("&&") if "useradd" in cmd]
+    assert "--uid" in useradd and "--system" not in useradd and "--create-home" in useradd
 
 
 @pytest.mark.slow

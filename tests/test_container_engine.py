@@ -32,7 +32,8 @@ from harness.env import remember_secrets
 from harness.fanout import fan_out_result, ledger_runs
 from harness.proc import free_port, parse_json_lines
 
-pytestmark = pytest.mark.slow
+# Generous: the first test also builds the image (about a minute from scratch).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUNTIME_LOCK = REPO / "requirements-runtime.txt"
 GRACE = 10  # docker stop's default: SIGTERM, then SIGKILL after this many seconds
@@ -247,6 +248,16 @@ def test_the_image_declares_its_user_port_health_check_and_init(image: str) -> N
     assert (env["PORT"], env["HOST"]) == ("8000", "0.0.0.0")
     assert config["Healthcheck"]["Test"][0] == "CMD"
     assert config["Entrypoint"] == ["dumb-init", "--"]
+    # The app user: a regular account (uid 10001 lies in login.defs' UID_MIN..UID_MAX,
+    # so useradd has nothing to warn about, as it did with --system), with a home.
+    probe = "grep -E '^(UID_MIN|UID_MAX)[[:space:]]' /etc/login.defs; getent passwd app"
+    out = hd.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", probe
+    ).stdout.split("\n")  # fmt: skip
+    limits = dict(line.split() for line in out if line.startswith("UID_"))
+    assert int(limits["UID_MIN"]) <= int(UID) <= int(limits["UID_MAX"])
+    (passwd,) = [line for line in out if line.startswith("app:")]
+    assert passwd.split(":")[2:] == [UID, UID, "", "/home/app", "/usr/sbin/nologin"]
 
 
 # --- docker run -----------------------------------------------------------------------
@@ -277,6 +288,13 @@ def test_container_turns_healthy_runs_a_fan_out_as_non_root_under_its_init(
     children = [p for p in processes if p["ppid"] == pid1]
     assert len(children) == 1 and "uvicorn fastapi_scope_shutdown:app" in children[0]["args"]
     assert not any(p["args"].split()[0] in ("sh", "/bin/sh") for p in processes)
+    # The code is root's: the app can change none of it. The app user has a home.
+    code = container.exec("sh", "-c", "test -w /app || test -w /app/fastapi_scope_shutdown.py")
+    assert code.returncode == 1
+    owners = container.exec(
+        "stat", "-c", "%u", "/app", "/app/fastapi_scope_shutdown.py", "/app/lab"
+    )
+    assert owners.stdout.split() == ["0", "0", "0"], owners.stderr
     # The app user has a home of its own.
     home = container.exec("sh", "-c", 'id -u; echo "$HOME"; test -d "$HOME" && test -w "$HOME"')
     assert (home.returncode, home.stdout.split()) == (0, [UID, "/home/app"]), home.stderr
@@ -316,6 +334,33 @@ def test_port_is_honoured_by_the_app_and_the_health_check(run: Run, pg_url: str)
     container.wait_health("healthy", 240)
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
     assert any(f"127.0.0.1:{port}" in str(r.get("message")) for r in json_logs(container))
+    # Without SHUTDOWN_TOKEN, POST /shutdown is disabled; with it, mode=graceful is
+    # the same clean stop as docker stop.
+    assert httpx.post(f"{container.url}/shutdown", timeout=30).status_code == 403
+
+
+def test_shutdown_graceful_from_inside_exits_143(run: Run, pg_url: str, token: str) -> None:
+    container = run({"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": token})
+    wait_serving(container)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(f"{container.url}/shutdown", timeout=30).status_code == 401
+    answer = httpx.post(
+        f"{container.url}/shutdown", params={"mode": "graceful"}, headers=auth, timeout=30
+    )
+    assert answer.status_code == 202, answer.text
+    assert container.wait_exit(60) == 143
+    assert "DBOS successfully shut down" in [
+        str(r.get("message")) for r in json_logs(container, token)
+    ]
+
+
+def test_sqlite_in_a_writable_path_of_the_container(run: Run) -> None:
+    """/app is not writable; a SQLite URL under /tmp works (gone with the container)."""
+    container = run({"DBOS_SYSTEM_DATABASE_URL": "sqlite:////tmp/experiment6.sqlite"})
+    assert wait_serving(container)["database"] == "sqlite"
+    with client(container) as http:
+        done = wait_done(http, start_fan_out(http, 5, 3))
+    assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
 
 
 def test_crash_exits_137_and_a_new_container_finishes_the_same_fan_out(
@@ -430,9 +475,7 @@ def test_compose_runs_the_projects_services_for_real(
     """docker-compose.yml's services, with the stand-in postgres:17, on host networking."""
     need(None if hd.compose_cli() else "no docker compose CLI (Debian: docker-compose)")
     if hd.docker("image", "inspect", "postgres:17", check=False).returncode != 0:
-        need(
-            f"no postgres:17 image on the engine (no registry here: `{hd.ENGINE_SCRIPT} postgres`)"
-        )
+        need(hd.missing_image("postgres:17", "postgres"))  # never a pull
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     app_port, pg_port = free_port(), free_port()
     variant = hd.host_network_compose(compose, image, app_port, pg_port)
@@ -443,6 +486,7 @@ def test_compose_runs_the_projects_services_for_real(
     assert all(s["network_mode"] == "host" for s in config["services"].values())
     assert not config.get("networks")
 
+    auth = {"Authorization": f"Bearer {token}"}
     with hd.networks_unchanged():
         try:
             # depends_on: the app starts once Postgres's own healthcheck passes.
@@ -452,18 +496,33 @@ def test_compose_runs_the_projects_services_for_real(
             with httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=30) as http:
                 health = http.get("/healthz").json()
                 assert (health["status"], health["database"]) == ("ok", "postgres")
-                workflow_id = start_fan_out(http, 5, 3)
+                # Crash mid fan-out: exit 137; `docker compose start app` finishes it.
+                workflow_id = start_fan_out(http, **LONG)
+                wait_mid_fan_out(http, workflow_id)
+                app = project.container("app")
+                answer = http.post("/shutdown", params={"mode": "crash"}, headers=auth)
+                assert answer.status_code == 202, answer.text
+                assert hd.docker("wait", app).stdout.strip() == "137"
+                project.run("start", "app")
+                hd.wait_until(lambda: project.health("app") == "healthy", 240, "app healthy again")
                 done = wait_done(http, workflow_id)
-            assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
-            listed = project.run(
-                "exec", "-T", "app", "dbos", "workflow", "list", "--name", "fan_out"
-            )
+            assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(**LONG))
+            listed = project.run("exec", "-T", "app", "dbos", "workflow", "list", "--limit", "5")
             assert workflow_id in listed.stdout
-            app = project.container("app")
+            # `docker compose logs app`: JSON lines (read without compose's name prefix).
+            records = parse_json_lines(hd.docker("logs", app).stdout)
+            assert any(r.get("message") == "Application startup complete." for r in records)
+            # A graceful stop, within the grace.
             started = time.monotonic()
             project.run("stop", "--timeout", str(GRACE), "app")
             assert hd.docker("wait", app).stdout.strip() == "143"
             assert time.monotonic() - started < GRACE
+            # Workflows survive `down` (the pgdata volume); `down --volumes` deletes them.
+            project.run("down", "--timeout", str(GRACE))
+            project.run("up", "--detach", "--no-build", timeout=600)
+            hd.wait_until(lambda: project.health("app") == "healthy", 240, "the app after down/up")
+            with httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=30) as http:
+                assert view(http, workflow_id)["status"] == "SUCCESS"
         finally:
             logs = project.run("logs", "--no-color", check=False)
             (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)

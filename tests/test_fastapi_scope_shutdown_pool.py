@@ -1,0 +1,361 @@
+"""The shutdown demo's process pool: where a step computes, and what each kind of stop
+leaves of the pool.
+
+``POST /trigger_async?executor=process|thread``: ``process`` (the default) hands each
+step's ``fib`` to the service's process pool (lab/pool.py), ``thread`` computes in the
+DBOS step thread. The tests check, on real servers and a real Postgres:
+
+- the choice is validated (422 with the reason), recorded as a workflow input, used by
+  every step body (the FIB_LEDGER line ends with the mode the body ran in), and real:
+  the CPU time goes to the pool's processes, or to the server's;
+- a recovered fan-out keeps its mode;
+- no process outlives a crash (/shutdown?mode=crash), a graceful stop, or a SIGKILL of
+  the server process alone; after each, the next start finishes the fan-out with the
+  right numbers and re-runs only the bodies that were in flight;
+- two workers split one fan-out, each within the queue's worker_concurrency.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.apps import shutdown_app as demo
+from harness.clients import ShutdownClient
+from harness.db import query
+from harness.env import script_env
+from harness.fanout import children, demo_server, fan_out_result, ledger_runs, max_running
+from harness.proc import alive, run_script, wait_for
+from harness.server import AppServer
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "pool-test-token-5b2e91"  # must never show up in a log
+PROCESSES = 2  # FIB_PROCESSES of the servers here
+
+
+def server_for(
+    tmp_path: Path, db_url: str, name: str, workers: int | None = None, processes: int = PROCESSES
+) -> AppServer:
+    return demo_server(
+        db_url,
+        tmp_path / f"{name}.log",
+        workers=workers,
+        token=TOKEN,
+        ledger=tmp_path / "ledger.txt",
+        env={"FIB_PROCESSES": str(processes)},
+        ready_path="/healthz",
+    )
+
+
+def client(server: AppServer) -> ShutdownClient:
+    return ShutdownClient(server.client)
+
+
+def trigger(server: AppServer, steps: int, max_n: int, executor: str) -> str:
+    answer = server.client.post(
+        "/trigger_async", params={"steps": steps, "max_n": max_n, "executor": executor}
+    )
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["workflow_id"])
+
+
+def wait_done(server: AppServer, workflow_id: str, timeout: float = 120) -> dict[str, Any]:
+    view: dict[str, Any] = wait_for(
+        lambda: (v := client(server).view(workflow_id))["status"] == "SUCCESS" and v,
+        timeout,
+        0.2,
+        f"fan-out {workflow_id} to finish",
+    )
+    return view
+
+
+def ledger_modes(tmp_path: Path, parent: str) -> dict[int, list[str]]:
+    """The executor each body of ``parent`` ran in, in order (index -> modes)."""
+    modes: dict[int, list[str]] = defaultdict(list)
+    for line in (tmp_path / "ledger.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[2].startswith(parent + "-"):
+            modes[int(parts[0])].append(parts[3])
+    return modes
+
+
+# --- processes -------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        # "pid (comm) state ppid ...": comm may hold spaces, split after ")".
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live process below ``pid``: pid -> command line."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat(int(entry))[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and alive(child) and child not in found:
+                try:
+                    found[child] = (
+                        Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    )
+                except OSError:
+                    continue
+                frontier.append(child)
+    return found
+
+
+def pool_pids(server_pid: int) -> list[int]:
+    """The pool's processes: multiprocessing spawn children of the server process."""
+    return sorted(p for p, cmd in descendants(server_pid).items() if "multiprocessing.spawn" in cmd)
+
+
+def pool_pids_of(tree: dict[int, str]) -> list[int]:
+    return [p for p, cmd in tree.items() if "multiprocessing.spawn" in cmd]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def assert_all_gone(pids: list[int], within: float, what: str) -> None:
+    wait_for(lambda: not [p for p in pids if alive(p)], within, 0.05, what)
+
+
+def running_steps(db_url: str, workflow_id: str, at_least: int) -> dict[int, dict[str, Any]]:
+    return wait_for(
+        lambda: (
+            (kids := children(db_url, workflow_id))
+            and sum(c["status"] == "PENDING" for c in kids.values()) >= at_least
+            and kids
+        ),
+        90,
+        0.05,
+        f"{at_least} steps of {workflow_id} running",
+    )
+
+
+def assert_recovered(
+    tmp_path: Path,
+    db_url: str,
+    workflow_id: str,
+    steps: int,
+    max_n: int,
+    at_stop: dict[int, dict[str, Any]],
+    view: dict[str, Any],
+) -> Counter[int]:
+    """The right numbers, one recorded output per step, and a body ran twice only if its
+    step was in flight (dequeued, not finished) at the stop."""
+    assert view["result"] == fan_out_result(steps, max_n)
+    after = children(db_url, workflow_id)
+    assert sorted(after) == list(range(steps))
+    assert {c["outputs"] for c in after.values()} == {1}
+    runs = ledger_runs(tmp_path / "ledger.txt", workflow_id)
+    assert set(runs) == set(range(steps)) and max(runs.values()) <= 2
+    in_flight = {i for i, c in at_stop.items() if c["status"] == "PENDING"}
+    assert {i for i, n in runs.items() if n == 2} <= in_flight
+    assert all(runs[i] == 1 for i, c in at_stop.items() if c["status"] == "SUCCESS")
+    return runs
+
+
+# --- the choice --------------------------------------------------------------------
+
+
+def test_executor_is_validated_recorded_and_decides_where_fib_runs(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # 5 steps of fib(31) plus the lighter ones: about a second and a half of CPU.
+    steps, max_n = 36, 31
+    with server_for(tmp_path, pg_url, "server") as server:
+        assert server.proc is not None
+        bad = server.client.post("/trigger_async", params={"executor": "gpu"})
+        (error,) = bad.json()["detail"]
+        assert bad.status_code == 422 and error["loc"] == ["query", "executor"]
+        assert "'process'" in error["msg"] and "'thread'" in error["msg"]
+        pool = pool_pids(server.proc.pid)
+        assert len(pool) == PROCESSES
+
+        used: dict[str, tuple[float, float]] = {}
+        views = {}
+        for executor in ("process", "thread"):
+            before = cpu_seconds(server.proc.pid), sum(cpu_seconds(p) for p in pool)
+            workflow_id = trigger(server, steps, max_n, executor)
+            views[executor] = wait_done(server, workflow_id)
+            after = cpu_seconds(server.proc.pid), sum(cpu_seconds(p) for p in pool)
+            used[executor] = (after[0] - before[0], after[1] - before[1])
+            modes = ledger_modes(tmp_path, workflow_id)
+            assert modes == {i: [executor] for i in range(steps)}
+        assert pool_pids(server.proc.pid) == pool  # the same processes throughout
+        default = client(server).view(trigger(server, 2, 1, "process"))
+        openapi = server.client.get("/openapi.json").json()
+
+    for executor, view in views.items():
+        assert view["executor"] == executor  # read back from the recorded input
+        assert view["result"] == fan_out_result(steps, max_n)
+    assert default["executor"] == "process"
+    params = {p["name"]: p for p in openapi["paths"]["/trigger_async"]["post"]["parameters"]}
+    assert params["executor"]["schema"]["default"] == "process"
+    # Where the CPU time went: the fib work (~1.5 s) in the pool's processes, or in the
+    # server process; the other side stays near idle.
+    (server_p, pool_p), (server_t, pool_t) = used["process"], used["thread"]
+    assert pool_p > 0.8 * server_p and pool_p > 0.5, used
+    assert pool_t < 0.1 and server_t > 5 * pool_t, used
+
+
+@pytest.mark.parametrize("value", ["0", "many", "65"])
+def test_a_bad_fib_processes_fails_fast_with_one_line(tmp_path: Path, value: str) -> None:
+    url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    result = run_script(
+        "fastapi_scope_shutdown.py", env=script_env(url, FIB_PROCESSES=value), timeout=60
+    )
+    assert result.returncode == 2
+    assert len(result.records) == 1
+    message = result.records[0]["message"]
+    assert "FIB_PROCESSES" in message and repr(value) in message, message
+
+
+# --- stops ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_crash_leaves_no_process_and_the_recovered_fan_out_keeps_its_mode(
+    pg_url: str, tmp_path: Path, executor: str
+) -> None:
+    steps, max_n = 40, 31
+    server = server_for(tmp_path, pg_url, "first").start()
+    try:
+        assert server.proc is not None
+        workflow_id = trigger(server, steps, max_n, executor)
+        running_steps(pg_url, workflow_id, at_least=3)
+        tree = descendants(server.proc.pid)
+        assert len(pool_pids(server.proc.pid)) == PROCESSES, tree
+        answer = client(server).shutdown("crash", TOKEN)
+        assert answer.status_code == 202
+        assert server.wait_exit(timeout=15) == -signal.SIGKILL
+        # The pool's processes and multiprocessing's resource tracker go with the server.
+        assert_all_gone(list(tree), 5, f"the server's processes {tree} to end")
+    finally:
+        server.close()
+    at_crash = children(pg_url, workflow_id)
+    assert any(c["status"] == "PENDING" for c in at_crash.values())
+
+    with server_for(tmp_path, pg_url, "second") as again:
+        view = wait_done(again, workflow_id)
+    assert view["executor"] == executor
+    runs = assert_recovered(tmp_path, pg_url, workflow_id, steps, max_n, at_crash, view)
+    # Every body, the ones re-run after the crash included, ran in the recorded mode.
+    modes = ledger_modes(tmp_path, workflow_id)
+    assert {m for ms in modes.values() for m in ms} == {executor}
+    assert sum(runs.values()) == sum(len(ms) for ms in modes.values())
+
+
+def test_sigkill_of_the_server_alone_ends_its_pool_at_once(pg_url: str, tmp_path: Path) -> None:
+    """Not through the endpoint and not to the process group: only the server process
+    dies, and its pool processes, busy with seconds of work, must not compute on."""
+    steps, max_n = 48, 32  # 16 steps of fib(32), ~0.5 s each: seconds of queued work
+    server = server_for(tmp_path, pg_url, "first").start()
+    try:
+        assert server.proc is not None
+        workflow_id = trigger(server, steps, max_n, "process")
+        running_steps(pg_url, workflow_id, at_least=PROCESSES + 2)
+        pool = pool_pids(server.proc.pid)
+        tree = descendants(server.proc.pid)
+        assert len(pool) == PROCESSES
+        busy = [cpu_seconds(p) for p in pool]
+        os.kill(server.proc.pid, signal.SIGKILL)
+        assert server.wait_exit(timeout=10) == -signal.SIGKILL
+        killed = time.monotonic()
+        assert_all_gone(list(tree), 5, f"the pool {tree} to end after its server")
+        gone_after = time.monotonic() - killed
+    finally:
+        server.close()
+    assert busy and gone_after < 2, gone_after
+    at_kill = children(pg_url, workflow_id)
+
+    with server_for(tmp_path, pg_url, "second") as again:
+        view = wait_done(again, workflow_id)
+    assert_recovered(tmp_path, pg_url, workflow_id, steps, max_n, at_kill, view)
+
+
+def test_graceful_stop_ends_the_pool_within_the_grace_period(pg_url: str, tmp_path: Path) -> None:
+    steps, max_n = 60, 32  # ~15 s of CPU: still running when the grace period ends
+    server = server_for(tmp_path, pg_url, "first").start()
+    try:
+        assert server.proc is not None
+        workflow_id = trigger(server, steps, max_n, "process")
+        running_steps(pg_url, workflow_id, at_least=PROCESSES + 2)
+        tree = descendants(server.proc.pid)
+        assert len(pool_pids(server.proc.pid)) == PROCESSES
+        answer = client(server).shutdown("graceful", TOKEN)
+        started = time.monotonic()
+        assert answer.status_code == 202
+        code = server.wait_exit(timeout=demo.GRACE_SECONDS + 20)
+        stopped_after = time.monotonic() - started
+        # The pool ended before the server exited; multiprocessing's resource tracker
+        # ends when it sees the server gone.
+        pool_left = [p for p in pool_pids_of(tree) if alive(p)]
+        assert_all_gone(list(tree), 2, f"the server's processes {tree} to end")
+    finally:
+        server.close()
+    assert code == -signal.SIGTERM
+    # uvicorn's own wait for open requests, DBOS.destroy's grace period, then the pool.
+    assert stopped_after < demo.GRACE_SECONDS + 5, stopped_after
+    assert pool_left == [], pool_left
+    messages = [r["message"] for r in server.records()]
+    assert messages.index("DBOS successfully shut down") > messages.index("stopping DBOS")
+    at_stop = children(pg_url, workflow_id)
+    parent = query(
+        pg_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = %s", workflow_id
+    )
+    assert parent == [("PENDING",)], "the fan-out finished before the stop"
+    # Nothing the stop cut off was recorded as a failure: no step ended in ERROR.
+    assert {c["status"] for c in at_stop.values()} <= {"SUCCESS", "PENDING", "ENQUEUED"}
+
+    with server_for(tmp_path, pg_url, "second") as again:
+        view = wait_done(again, workflow_id, timeout=180)
+    assert_recovered(tmp_path, pg_url, workflow_id, steps, max_n, at_stop, view)
+
+
+# --- two workers -----------------------------------------------------------------------
+
+
+def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> None:
+    steps, max_n = demo.DEFAULT_STEPS, demo.DEFAULT_MAX_N
+    server = server_for(tmp_path, pg_url, "server", workers=2).start()
+    try:
+        workflow_id = trigger(server, steps, max_n, "process")
+        view = wait_done(server, workflow_id)
+    finally:
+        server.close()
+    assert view["result"] == fan_out_result(steps, max_n)
+    queue = query(
+        pg_url,
+        "SELECT concurrency, worker_concurrency FROM dbos.queues WHERE name = %s",
+        demo.QUEUE,
+    )
+    assert queue == [(demo.QUEUE_CONCURRENCY, demo.WORKER_CONCURRENCY)]
+    kids = children(pg_url, workflow_id)
+    per_executor = Counter(c["executor_id"] for c in kids.values())
+    assert set(per_executor) == {"shutdown-0", "shutdown-1"}, per_executor
+    # Each worker ran a fair part, and never more than its worker_concurrency at once.
+    assert min(per_executor.values()) >= 0.3 * steps, per_executor
+    for executor in per_executor:
+        bodies = [c["body"] for c in kids.values() if c["executor_id"] == executor]
+        assert max_running(bodies) <= demo.WORKER_CONCURRENCY
