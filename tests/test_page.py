@@ -6,12 +6,16 @@ page and crashes the server with the page's button (the app's real
 ``POST /shutdown?mode=crash``), starts a new server on the same port and database, and
 checks on the page's DOM that it reconnected by itself, that the fan-out finished, and
 that exactly the steps the database shows as dispatched twice are marked as re-run (and
-the FIB_LEDGER file agrees: every unmarked step body ran once). It runs against one
-worker and ``WORKERS=2`` on Postgres and against SQLite.
+the FIB_LEDGER file agrees: every unmarked step body ran once). Then a wrong token is
+refused and the right one stops the server gracefully, from the page. It runs against one
+worker (executor=thread) and ``WORKERS=2`` (executor=process) on Postgres and against
+SQLite (the app's default executor), the executor picked in the form when the app
+offers one.
 
 It also checks what the page may and may not do: every request it makes goes to the
-app's origin, and the token shows up in one request only (the crash, in its
-Authorization header), never in the page's HTML, storage, cookies or any URL.
+app's origin (and none was blocked by its Content-Security-Policy), and the token shows
+up in the two stop requests only, in their Authorization header, never in the page's
+HTML, storage, cookies or any URL.
 """
 
 from __future__ import annotations
