@@ -261,6 +261,8 @@ def test_live_page_crash_and_recovery(
             f"() => document.querySelectorAll('#grid .cell.s-SUCCESS').length === {STEPS}"
         )
         after = cells(page)
+        assert page.get_attribute("#fanout-summary", "data-done") == str(STEPS)
+        assert page.eval_on_selector("#progress-bar", "b => b.style.width") == "100%"
         page.screenshot(path=str(tmp_path / "live-page.png"), full_page=True)
 
         # The marks are the database's: steps dispatched twice, nothing else.
