@@ -266,7 +266,8 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
                 workflow_id=wf.workflow_id,
                 scheduled_time=wf.workflow_id[len(prefix) :],
                 status=wf.status,
-                executor_id=wf.executor_id,
+                # Until dequeued the row names the process that enqueued it, not a runner.
+                executor_id=wf.executor_id if wf.dequeued_at or wf.completed_at else None,
                 created_at=wf.created_at,
                 started_at=wf.dequeued_at,
                 completed_at=wf.completed_at,
