@@ -12,13 +12,13 @@ steps enqueued as child workflows ``<fan-out id>-<i + 1>``) and a DBOS schedule:
 
 Everything it shows comes from DBOS's system database (``DBOS.list_workflows``): no
 state of its own, so a restarted server shows what the crashed one left. Answers hold
-ids, statuses, executor ids and times only (no inputs beyond the two counts, no
-outputs, no secrets) and are bounded (``max_steps`` steps, ``MAX_LIMIT`` rows).
+ids, statuses, executor ids and times only (no inputs beyond steps, max_n and the
+executor mode, no outputs, no secrets) and are bounded (``max_steps`` steps, ``MAX_LIMIT`` rows).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -108,10 +108,10 @@ def _mode(wf: Any) -> str | None:
     return value if isinstance(value, str) and len(value) <= 20 else None
 
 
-def _static(name: str, media_type: str) -> Callable[[], Response]:
-    body = (STATIC / name).read_bytes()
+def _static(name: str, media_type: str) -> Callable[[], Awaitable[Response]]:
+    body = (STATIC / name).read_bytes()  # read once: a missing file fails at startup
 
-    def serve() -> Response:
+    async def serve() -> Response:
         return Response(body, media_type=media_type, headers=HEADERS)
 
     return serve
@@ -151,7 +151,7 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
     async def fanouts(
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="rows, newest first")] = 10,
     ) -> list[FanOut]:
-        """Recent fan-outs, newest first: status, steps and max_n."""
+        """Recent fan-outs, newest first: status, steps, max_n and executor mode."""
         found = await DBOS.list_workflows_async(
             name=name, sort_desc=True, limit=limit, load_input=True, load_output=False
         )
@@ -266,7 +266,8 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
                 workflow_id=wf.workflow_id,
                 scheduled_time=wf.workflow_id[len(prefix) :],
                 status=wf.status,
-                executor_id=wf.executor_id,
+                # Until dequeued the row names the process that enqueued it, not a runner.
+                executor_id=wf.executor_id if wf.dequeued_at or wf.completed_at else None,
                 created_at=wf.created_at,
                 started_at=wf.dequeued_at,
                 completed_at=wf.completed_at,

@@ -240,7 +240,9 @@
     const axis = el("div", {className: "axis"},
       el("span", {textContent: "0 s (fan-out started)"}),
       el("span", {textContent: `${(span / 1000).toFixed(1)} s`}));
-    $("gantt").replaceChildren(axis, ...rows, ...lines);
+    const gantt = $("gantt");
+    gantt.style.setProperty("--row", `${Math.max(1, Math.min(6, Math.floor(600 / Math.max(v.steps.length, 1))))}px`);
+    gantt.replaceChildren(axis, ...rows, ...lines);
   }
 
   // --- the schedule ------------------------------------------------------------------------
