@@ -26,7 +26,7 @@ from typing import Any
 import helpers
 import httpx
 import pytest
-from helpers import REPO, AppServer, remember_secrets, script_env
+from helpers import REPO, AppServer, remember_secrets, script_env, wait_for
 
 SCRIPTS = [
     "scope.py",
@@ -42,6 +42,7 @@ README = REPO / "README.md"
 README_MAX_LINES = 200
 GET_RETRY_SEC = 120  # a GET is repeated until its answer matches: work runs in background
 COMMAND_TIMEOUT_SEC = 300
+SERVER_LOG_WAIT_SEC = 30  # the lines expected after `command &` are in the server's log
 
 
 def page(script: str) -> Path:
@@ -159,6 +160,21 @@ def test_the_readme_is_short_and_its_table_matches_the_pages() -> None:
         assert any(line in e for e in expected), f"{script}: {line!r} is not on its page"
     for extra in ("docs/service.md", "benchmarks/README.md", "reliability/README.md"):
         assert f"({extra})" in text, extra
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_output_quoted_under_observe_is_output_the_commands_are_checked_for(
+    script: str,
+) -> None:
+    """A JSON fragment quoted under Observe (`"key": value`) is part of an output line of
+    a console block, so the slow test below checks it against the real output."""
+    text = page(script).read_text()
+    observe = text.split("## Observe", 1)[1].split("\n## ", 1)[0]
+    expected = [e for block in console_blocks(text) for c in block for e in c.expected]
+    quoted = [q for q in re.findall(r"`([^`]+)`", observe) if re.search(r'"\w+":', q)]
+    assert quoted, "Observe quotes no output"
+    for q in quoted:
+        assert any(q in e for e in expected), f"{q!r} is not in the checked output"
 
 
 def test_relative_links_in_the_docs_resolve() -> None:
@@ -280,7 +296,12 @@ class Session:
         self.servers.append(server)
         server.start(ready_timeout=90)
         for expected in command.expected:
-            assert shows(expected, server.log_text()), f"{text}: no {expected!r} in its log"
+            wait_for(
+                lambda e=expected: shows(e, server.log_text()),
+                SERVER_LOG_WAIT_SEC,
+                0.5,
+                f"{expected!r} in the log of {text}",
+            )
 
     def _kill(self, text: str) -> None:
         server = self.servers[int(text.rsplit("%", 1)[1]) - 1]
