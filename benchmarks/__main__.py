@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import rows as R
-from benchmarks.core import REPO, Databases, Row, progress, table
+from benchmarks.core import Row, progress, table
+from harness import REPO
+from harness.db import ScratchDatabases, libpq_url
 
 DEFAULT_OUT = REPO / "benchmarks" / "results.json"
 
@@ -51,10 +53,8 @@ def postgres_url() -> str | None:
     url = os.environ.get("DBOS_SYSTEM_DATABASE_URL", "").strip()
     if not url.startswith(("postgresql", "postgres://")):
         return None
-    from sqlalchemy.engine import make_url
-
     # psycopg2 takes postgresql://, not SQLAlchemy's postgresql+driver:// spelling.
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return libpq_url(url)
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
     if not kinds:
         sys.exit("nothing to run: --no-sqlite without a Postgres DBOS_SYSTEM_DATABASE_URL")
     only = set(args.only.split(",")) if args.only else None
-    dbs = Databases(pg)
+    dbs = ScratchDatabases(pg, "bench")
     ctx = R.Context(R.SIZES[mode], dbs, kinds)
     progress(f"mode {mode}, databases: {', '.join(kinds)}")
     results: list[Row] = []
@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
                     progress(f"{kind}: row group {gid} FAILED: {exc}")
                     results += _placeholders(gid, kind, error=str(exc).splitlines()[0][:200])
     finally:
-        dbs.close()
+        for failure in dbs.close():
+            progress(f"could not drop scratch database {failure}")
     results.sort(key=lambda r: (kinds.index(r.db), r.id))
-    meta = {
+    meta: dict[str, object] = {
         "mode": mode,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks"

@@ -1,31 +1,26 @@
-"""The plumbing of the benchmarks: results, statistics, progress, scratch databases, probes."""
+"""The plumbing of the benchmarks: results, statistics, the table, probes.
+
+Scratch databases (``harness.db.ScratchDatabases``), servers (``harness.server``) and
+progress lines (``harness.report``) come from the shared harness.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import REPO, script_env
-from tests.helpers import admin as _admin
+from harness import REPO
+from harness.env import script_env
+from harness.report import Progress, markdown_table
 
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    """One line on stderr, so a long run never looks hung (stdout carries the table)."""
-    print(
-        f"[benchmarks {time.monotonic() - _started:6.1f}s] {message}", file=sys.stderr, flush=True
-    )
+progress = Progress("benchmarks")
 
 
 # --- statistics ---------------------------------------------------------------
@@ -116,7 +111,7 @@ def _fmt_ratio(value: float) -> str:
 def table(rows: list[Row]) -> str:
     """The human-readable table (Markdown, so it pastes into the README as is)."""
     head = ("#", "db", "what", "A", "B", "A/B median", "min–max", "target", "met?")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines: list[tuple[object, ...]] = []
     for row in rows:
         if row.skipped or row.error or not row.ratios:
             reason = row.skipped or f"ERROR: {row.error}" or "no measurement"
@@ -137,55 +132,8 @@ def table(rows: list[Row]) -> str:
                 row.target_text,
                 met,
             )
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-# --- databases -------------------------------------------------------------------
-
-
-class Databases:
-    """Fresh, empty system databases for the measurements, removed afterwards.
-
-    SQLite: files in a temporary directory. Postgres: databases created on the
-    server of ``DBOS_SYSTEM_DATABASE_URL`` (the configured database itself is
-    never written to), dropped at the end.
-    """
-
-    def __init__(self, postgres_url: str | None) -> None:
-        self.postgres_url = postgres_url
-        self.tmp = Path(tempfile.mkdtemp(prefix="dbos-bench-"))
-        self.run_id = uuid.uuid4().hex[:8]
-        self._pg_created: list[str] = []
-
-    def fresh(self, kind: str, label: str) -> str:
-        if kind == "sqlite":
-            return f"sqlite:///{self.tmp / f'{label}-{uuid.uuid4().hex[:6]}.sqlite'}"
-        assert self.postgres_url is not None
-        from sqlalchemy.engine import make_url
-
-        name = f"bench_{self.run_id}_{label.replace('-', '_')}_{uuid.uuid4().hex[:4]}"
-        with _admin(self.postgres_url) as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        self._pg_created.append(name)
-        return make_url(self.postgres_url).set(database=name).render_as_string(hide_password=False)
-
-    def keep(self, url: str) -> None:
-        """Leave this scratch database in place (for drawing it again later)."""
-        from sqlalchemy.engine import make_url
-
-        self._pg_created.remove(make_url(url).database)
-
-    def close(self) -> None:
-        for name in self._pg_created:
-            try:
-                assert self.postgres_url is not None
-                with _admin(self.postgres_url) as cur:
-                    # FORCE (Postgres 13+) ends sessions a killed server left behind.
-                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
-                progress(f"could not drop scratch database {name}: {exc}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        lines.append(cells)
+    return markdown_table(head, lines)
 
 
 # --- processes --------------------------------------------------------------------

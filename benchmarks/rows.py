@@ -10,8 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks import demo
-from benchmarks.core import REPO, Databases, Row, percentile, progress, run_probe
-from tests.helpers import script_env
+from benchmarks.core import Row, percentile, progress, run_probe
+from harness import REPO
+from harness.db import ScratchDatabases
+from harness.env import script_env
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ SIZES = {
 @dataclass
 class Context:
     sizes: Sizes
-    dbs: Databases
+    dbs: ScratchDatabases
     kinds: list[str]  # "sqlite", "postgres"
 
     def fresh_db(self, kind: str, label: str) -> str:
@@ -241,14 +243,15 @@ def row_workers(ctx: Context, kind: str) -> list[Row]:
     ceiling.target_text = "≈ 2.0 on 2 idle cores"
     # Both servers stay up (separate databases) so the runs interleave: a busy phase of
     # the machine hits both layouts alike.
-    one = demo.Server(ctx.fresh_db(kind, "workers1"), workers=1, log_dir=ctx.dbs.tmp)
-    two = demo.Server(ctx.fresh_db(kind, "workers2"), workers=2, log_dir=ctx.dbs.tmp)
+    dbs = {1: ctx.fresh_db(kind, "workers1"), 2: ctx.fresh_db(kind, "workers2")}
+    one = demo.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
+    two = demo.server(dbs[2], workers=2, log_dir=ctx.dbs.directory)
     with one, two:
         for i in range(s.server_repeats):
             runs = {}
             for workers, server in ((1, one), (2, two)) if i % 2 == 0 else ((2, two), (1, one)):
                 progress(f"{kind}: 4a {workers} worker(s), run {i + 1}/{s.server_repeats}")
-                runs[workers] = server.run_fan_out(units, max_n)
+                runs[workers] = demo.run_fan_out(server, dbs[workers], units, max_n)
             row.add(runs[1].span, runs[2].span)
             for workers, run in runs.items():
                 row.details.setdefault(f"executors_{workers}", []).append(run.per_executor)
@@ -344,8 +347,8 @@ def row_http(ctx: Context, kind: str) -> list[Row]:
     s = ctx.sizes
     url = ctx.fresh_db(kind, "http")
     progress(f"{kind}: 5 HTTP: {s.http_pairs} × (no-op, POST /trigger_async) on one server")
-    with demo.Server(url, workers=1, log_dir=ctx.dbs.tmp, app=demo.BENCH_APP) as server:
-        noop, trigger = server.latencies(s.http_pairs)
+    with demo.server(url, workers=1, log_dir=ctx.dbs.directory, app=demo.BENCH_APP) as server:
+        noop, trigger = demo.latencies(server, s.http_pairs)
     med = Row("5a", "POST /trigger_async vs no-op route: median latency", kind, "trigger", "no-op")
     p99 = Row("5b", "POST /trigger_async vs no-op route: p99 latency", kind, "trigger", "no-op")
     med.target_op, med.target, med.target_text = "<=", 3.0, "≤ 3.0"
@@ -385,7 +388,7 @@ def row_recovery(ctx: Context, kind: str) -> list[Row]:
     for i in range(s.server_repeats):
         progress(f"{kind}: 6 recovery, run {i + 1}/{s.server_repeats}")
         url = ctx.fresh_db(kind, "recovery")
-        r = demo.recovery_run(url, units, max_n, log_dir=ctx.dbs.tmp)
+        r = demo.recovery_run(url, units, max_n, log_dir=ctx.dbs.directory)
         spawn.add(r["recover"], r["baseline"])
         if r["recover_after_launch"]:
             launch.add(r["recover_after_launch"], r["baseline"])

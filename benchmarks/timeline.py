@@ -25,9 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.core import Databases, progress
-from benchmarks.demo import child_index
-from tests.helpers import query
+from benchmarks.core import progress
+from harness.db import ScratchDatabases, query
+from harness.fanout import child_index
 
 
 @dataclass
@@ -102,6 +102,7 @@ def draw(record: FanOutRecord, out: Path, title: str, limit: int | None = None) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -134,7 +135,7 @@ def draw(record: FanOutRecord, out: Path, title: str, limit: int | None = None) 
     top.set_ylim(n + 1, -3.5)
     top.set_ylabel(f"step workflow (enqueue order, {n} steps)")
     top.set_title(title, fontsize=11)
-    handles = [Patch(color=colour[x], label=f"ran on {x}") for x in executors]
+    handles: list[Artist] = [Patch(color=colour[x], label=f"ran on {x}") for x in executors]
     handles += [
         Line2D([], [], color="0.75", lw=0.8, label="waiting in the queue"),
         Line2D([], [], marker="v", color="0.3", ls="none", label="scheduled workflow (every 5 s)"),
@@ -186,18 +187,18 @@ def run_and_draw(
     from benchmarks import demo
 
     postgres = server_url.startswith("postgres")
-    dbs = Databases(server_url if postgres else None)
+    dbs = ScratchDatabases(server_url if postgres else None, "bench")
     try:
         # Postgres: a scratch database on that server; SQLite: the file itself.
         url = dbs.fresh("postgres", "timeline") if postgres else server_url
         progress(f"starting the demo with {workers} worker(s)")
-        with demo.Server(url, workers=workers, log_dir=dbs.tmp) as server:
+        with demo.server(url, workers=workers, log_dir=dbs.directory) as server:
             # Let every worker's queue poller come up before the fan-out is enqueued.
             import time
 
             time.sleep(2)
             progress(f"fan-out of {steps} steps, max_n {max_n}")
-            run = server.run_fan_out(steps, max_n)
+            run = demo.run_fan_out(server, url, steps, max_n)
         progress(f"done in {run.wall:.1f} s; steps per executor: {run.per_executor}")
         record = load(url, run.workflow_id)
         settings = demo.settings()

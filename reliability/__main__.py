@@ -26,8 +26,8 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reliability.core import REPO, Context, Figure, broken, progress, table
-from tests import pgcluster
+from harness import REPO, pgcluster
+from reliability.core import Context, Figure, broken, progress, table
 
 # (id, module): each module has run(ctx) -> list[Figure]. Secrets go last: they scan
 # what the other areas left behind.

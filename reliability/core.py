@@ -1,14 +1,13 @@
-"""The plumbing of the reliability suite: figures, the table, scratch databases, progress.
+"""The plumbing of the reliability suite: figures, the table, its context.
 
 Every area module (``crash_matrix``, ``outage``, ...) exposes ``run(ctx) -> list[Figure]``.
 The runner (``python -m reliability``) and the tests call the same code; the tests run it
-with fewer trials (``ctx.trials``) and assert on what it measured.
+with fewer trials (``ctx.trials``) and assert on what it measured. Servers, scratch
+databases, clusters and progress lines come from the shared harness (``harness/``).
 """
 
 from __future__ import annotations
 
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,17 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests import pgcluster
-from tests.helpers import REPO, admin
+from harness import pgcluster
+from harness.db import ScratchDatabases
+from harness.report import Progress, markdown_table
 
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    """One line on stderr, so a long run never looks hung (stdout carries the table)."""
-    print(
-        f"[reliability {time.monotonic() - _started:6.1f}s] {message}", file=sys.stderr, flush=True
-    )
+progress = Progress("reliability")
 
 
 @dataclass
@@ -63,13 +56,11 @@ def broken(figures: list[Figure]) -> list[Figure]:
 
 def table(figures: list[Figure]) -> str:
     """Markdown, so it pastes into the README as is."""
-    head = ("area", "figure", "value", "promise", "kept?", "note")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for f in figures:
-        kept = {True: "yes", False: "**NO**", None: "—"}[f.ok]
-        cells = (f.area, f.name, f.value, f.promise or "—", kept, f.note)
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+    kept = {True: "yes", False: "**NO**", None: "—"}
+    return markdown_table(
+        ("area", "figure", "value", "promise", "kept?", "note"),
+        ((f.area, f.name, f.value, f.promise or "—", kept[f.ok], f.note) for f in figures),
+    )
 
 
 @dataclass
@@ -83,24 +74,21 @@ class Context:
     trials: int = 10
     quick: bool = False
     seed: int | None = None  # random choices (kill moments, fuzzing): None = fresh
-    _created: list[str] = field(default_factory=list)
+    _scratch: ScratchDatabases | None = field(default=None, repr=False)
+
+    @property
+    def scratch_dbs(self) -> ScratchDatabases:
+        if self._scratch is None:
+            self._scratch = ScratchDatabases(self.server_url, "rel", self.workdir)
+        return self._scratch
 
     def fresh_db(self, label: str) -> str:
         """A new, empty Postgres database on the server; dropped by ``close``."""
-        from sqlalchemy.engine import make_url
-
-        name = f"rel_{label.replace('-', '_')}_{uuid.uuid4().hex[:10]}"
-        with admin(self.server_url) as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        self._created.append(name)
-        return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
+        return self.scratch_dbs.postgres(label)
 
     def databases(self) -> list[str]:
         """The URLs of the databases ``fresh_db`` made that are still there."""
-        from sqlalchemy.engine import make_url
-
-        base = make_url(self.server_url)
-        return [base.set(database=n).render_as_string(hide_password=False) for n in self._created]
+        return self.scratch_dbs.urls()
 
     def sqlite_db(self, label: str) -> str:
         return f"sqlite:///{self.workdir / f'{label}-{uuid.uuid4().hex[:6]}.sqlite'}"
@@ -121,14 +109,8 @@ class Context:
             cluster.close()
 
     def close(self) -> None:
-        for name in self._created:
-            try:
-                with admin(self.server_url) as cur:
-                    # FORCE ends sessions a killed server left behind.
-                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
-                progress(f"could not drop scratch database {name}: {exc}")
-        self._created.clear()
+        for failure in self.scratch_dbs.drop_all():
+            progress(f"could not drop scratch database {failure}")
 
 
-__all__ = ["REPO", "Context", "Figure", "admin", "broken", "info", "progress", "promise", "table"]
+__all__ = ["Context", "Figure", "broken", "info", "progress", "promise", "table"]

@@ -73,7 +73,6 @@ Figures (``area = crash``; the same set for both workloads, prefixed ``fan-out:`
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -85,16 +84,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import REPO
+from harness.clients import ShutdownClient
+from harness.db import query, workflow_status
+from harness.env import script_env
+from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.proc import read_json_lines, wait_for
+from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import (
-    REPO,
-    AppServer,
-    fan_out_result,
-    ledger_runs,
-    query,
-    script_env,
-    wait_for,
-)
 
 AREA = "crash"
 
@@ -123,32 +120,7 @@ def duplicate_outputs(db_url: str) -> int:
     return int(rows[0][0])
 
 
-def workflow_status(db_url: str, workflow_id: str) -> str | None:
-    rows = query(
-        db_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = %s", workflow_id
-    )
-    return rows[0][0] if rows else None
-
-
 # --- the fan-out ---------------------------------------------------------------
-
-
-def fan_children(db_url: str, parent: str) -> dict[int, dict[str, Any]]:
-    """The fan-out's step workflows by step index (child id ``<parent>-<index + 1>``):
-    status and how many ``fib_step`` outputs each recorded."""
-    rows = query(
-        db_url,
-        "SELECT w.workflow_uuid, w.status, count(o.function_id) "
-        "FROM dbos.workflow_status w LEFT JOIN dbos.operation_outputs o "
-        "ON o.workflow_uuid = w.workflow_uuid AND o.function_name = 'fib_step' "
-        "WHERE w.parent_workflow_id = %s GROUP BY 1, 2",
-        parent,
-    )
-    found: dict[int, dict[str, Any]] = {}
-    for wf_id, status, outputs in rows:
-        index = int(wf_id.rsplit("-", 1)[1]) - 1
-        found[index] = {"status": status, "outputs": int(outputs), "id": wf_id}
-    return found
 
 
 @dataclass
@@ -201,15 +173,12 @@ class FanOutTrial:
 
 
 def _fan_server(db_url: str, scratch: Path, name: str) -> AppServer:
-    env = script_env(db_url, FIB_LEDGER=str(scratch / "ledger.txt"), SHUTDOWN_TOKEN=TOKEN)
-    return AppServer("fastapi_scope_shutdown:app", env, scratch / f"{name}.log")
+    log, ledger = scratch / f"{name}.log", scratch / "ledger.txt"
+    return demo_server(db_url, log, token=TOKEN, ledger=ledger)
 
 
 def _trigger(server: AppServer, steps: int, max_n: int) -> str:
-    answer = server.client.post("/trigger_async", params={"steps": steps, "max_n": max_n})
-    if answer.status_code != 202:
-        raise AssertionError(f"trigger answered {answer.status_code}: {answer.text}")
-    return answer.json()["workflow_id"]
+    return ShutdownClient(server.client).trigger(steps, max_n)
 
 
 def _wait_success(db_url: str, workflow_id: str, timeout: float) -> None:
@@ -222,10 +191,7 @@ def _wait_success(db_url: str, workflow_id: str, timeout: float) -> None:
 
 
 def _result(server: AppServer, workflow_id: str) -> Any:
-    answer = server.client.get(f"/workflows/{workflow_id}")
-    if answer.status_code != 200:
-        raise AssertionError(f"/workflows answered {answer.status_code}: {answer.text}")
-    return answer.json().get("result")
+    return ShutdownClient(server.client).view(workflow_id).get("result")
 
 
 @dataclass
@@ -295,7 +261,7 @@ def fan_out_trial(
         first.close()
 
     # The process is dead: what it committed is all there is.
-    at_kill = fan_children(db_url, workflow_id)
+    at_kill = children(db_url, workflow_id)
     trial.parent_status_at_kill = workflow_status(db_url, workflow_id)
     trial.enqueued_at_kill = len(at_kill)
     trial.in_flight = {i for i, c in at_kill.items() if c["status"] == "PENDING"}
@@ -322,7 +288,7 @@ def fan_out_trial(
     finally:
         second.close()
 
-    after = fan_children(db_url, workflow_id)
+    after = children(db_url, workflow_id)
     trial.children_count = len(after)
     trial.outputs_not_one = sorted(i for i, c in after.items() if c["outputs"] != 1)
     trial.duplicate_rows = duplicate_outputs(db_url)
@@ -350,16 +316,7 @@ def fan_out_trials(
 
 def _records(path: Path) -> list[dict[str, Any]]:
     """JSON lines of a script's stdout; a line cut by the SIGKILL is skipped."""
-    found = []
-    text = path.read_text(errors="replace") if path.exists() else ""
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            found.append(record)
-    return found
+    return read_json_lines(path.read_text(errors="replace") if path.exists() else "")[0]
 
 
 def _step_lines(records: list[dict[str, Any]]) -> list[int]:
@@ -542,7 +499,7 @@ def scope_trial(
             )
             (scratch / "second.out").write_text(second.stdout)
             trial.second_returncode = second.returncode
-            records2 = [r for r in map(_json_or_none, second.stdout.splitlines()) if r]
+            records2 = read_json_lines(second.stdout)[0]
             trial.second_summary = _summary(records2)
             trial.second_steps = _step_lines(records2)
             if second.returncode != 0:
@@ -553,14 +510,6 @@ def scope_trial(
     trial.outputs = scope_outputs(db_url, trial.workflow_id)
     trial.duplicate_rows = duplicate_outputs(db_url)
     return trial
-
-
-def _json_or_none(line: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def scope_trials(

@@ -63,12 +63,16 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
+from harness.apps import cache_app, scope_app, shutdown_app
+from harness.clients import WorkflowsClient
+from harness.db import query
+from harness.env import script_env
+from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import AppServer, query, script_env, wait_for
 
 AREA = "hostile"
 TIMEOUT = 60.0  # an answer later than this counts as hung (the slowest valid request: 10 s)
@@ -202,12 +206,7 @@ class Session:
             if answer.status_code not in (200, 202):
                 return None, f"{self.spec.trigger} answered {answer.status_code}: {answer.text}"
             workflow_id = answer.json()["workflow_id"]
-
-            def view() -> dict[str, Any] | None:
-                found = self.client.get(f"/workflows/{workflow_id}").json()
-                return found if found["status"] not in ("PENDING", "ENQUEUED") else None
-
-            done = wait_for(view, timeout, 0.2, f"{self.spec.key} workflow {workflow_id}")
+            done = WorkflowsClient(self.client).wait_finished(workflow_id, timeout, 0.2)
         except (httpx.HTTPError, AssertionError, ValueError, KeyError) as exc:
             return None, repr(exc)
         if done["status"] != "SUCCESS" or not _matches(done.get("result"), self.spec.expect):
@@ -217,7 +216,7 @@ class Session:
     def snapshot(self, workflow_id: str) -> dict[str, Any]:
         """Its answer and its rows: what a corrupted store would change."""
         return {
-            "view": self.client.get(f"/workflows/{workflow_id}").json(),
+            "view": WorkflowsClient(self.client).view(workflow_id),
             "status": query(
                 self.db,
                 "SELECT status, recovery_attempts, updated_at FROM dbos.workflow_status "
@@ -394,16 +393,42 @@ def _shutdown(app: str, status: int, reason: str) -> list[HandCase]:
     return cases
 
 
+def above(limit: float) -> str:
+    """The smallest value past an app's limit, as a query parameter: the cap + 1 for a
+    count, + 0.01 for seconds."""
+    return str(limit + 1) if isinstance(limit, int) else f"{limit + 0.01:g}"
+
+
 def _cases() -> list[HandCase]:
     s, c = SCOPE.key, CACHE.key
+    sa, ca, da = scope_app, cache_app, shutdown_app  # the limits, from the apps themselves
     cases: list[HandCase] = []
     sync_ok = {"steps": 1, "step_seconds": 0}
     cases += _numbers(s, "/trigger_sync", _hostile_numbers("steps", "step_seconds"), sync_ok)
-    cases += _numbers(s, "/trigger_async", {"steps": [HUGE, "51"], "step_seconds": "1.01"}, sync_ok)
     cases += _numbers(
-        s, "/instance/trigger_sync", {"steps": ["21", "-1"], "step_seconds": "0.51"}, sync_ok
+        s,
+        "/trigger_async",
+        {
+            "steps": [HUGE, above(sa.ASYNC_MAX_STEPS)],
+            "step_seconds": above(sa.ASYNC_MAX_STEP_SECONDS),
+        },
+        sync_ok,
     )
-    cases += _numbers(s, "/trigger_sync", {"steps": "21", "step_seconds": "0.51"}, sync_ok)
+    cases += _numbers(
+        s,
+        "/instance/trigger_sync",
+        {
+            "steps": [above(sa.SYNC_MAX_STEPS), "-1"],
+            "step_seconds": above(sa.SYNC_MAX_STEP_SECONDS),
+        },
+        sync_ok,
+    )
+    cases += _numbers(
+        s,
+        "/trigger_sync",
+        {"steps": above(sa.SYNC_MAX_STEPS), "step_seconds": above(sa.SYNC_MAX_STEP_SECONDS)},
+        sync_ok,
+    )
     cases += _ids(s, "no workflow with id")
     cases += _methods(
         s, [("GET", "/trigger_sync"), ("DELETE", "/workflows/x"), ("PUT", "/counters")]
@@ -414,7 +439,13 @@ def _cases() -> list[HandCase]:
     cache_ok = {"pages": 1, "users_per_page": 1, "step_seconds": 0}
     cases += _numbers(c, "/trigger_async", _hostile_numbers("pages", "step_seconds"), cache_ok)
     cases += _numbers(
-        c, "/trigger_async", {"users_per_page": [HUGE, "-1", "2.5", "11"], "pages": "11"}, cache_ok
+        c,
+        "/trigger_async",
+        {
+            "users_per_page": [HUGE, "-1", "2.5", above(ca.MAX_USERS_PER_PAGE)],
+            "pages": above(ca.MAX_PAGES),
+        },
+        cache_ok,
     )
     cases += _ids(c, "no workflow with id")
     cases += _methods(c, [("POST", "/cache"), ("GET", "/trigger_async")])
@@ -428,7 +459,10 @@ def _cases() -> list[HandCase]:
             cases += _numbers(
                 d,
                 "/trigger_async",
-                {"max_n": [HUGE, "-1", "33", "nan", "1.5"], "steps": "501"},
+                {
+                    "max_n": [HUGE, "-1", above(da.MAX_MAX_N), "nan", "1.5"],
+                    "steps": above(da.MAX_STEPS),
+                },
                 shut_ok,
             )
             cases += _ids(d, "no fan-out workflow with id")
@@ -458,9 +492,11 @@ class HandOutcome:
 def send_case(session: Session, case: HandCase) -> HandOutcome:
     """Send one hand-written case and judge its answer."""
     path = case.path.replace("{baseline}", session.baseline_id)
-    headers: dict[str, str | bytes] = {}
+    headers: dict[bytes, bytes] = {}
     if case.auth is not None:
-        headers["Authorization"] = case.auth(session.token or "not-set")
+        value = case.auth(session.token or "not-set")
+        # As httpx sends a str value: ASCII (the non-ASCII cases are bytes already).
+        headers[b"Authorization"] = value if isinstance(value, bytes) else value.encode("ascii")
     try:
         answer = session.client.request(
             case.method,
@@ -637,7 +673,7 @@ def fuzz(session: Session, examples: int, seed: int | None, quick: bool = False)
 
     base_url = session.server.base_url
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [cast(Any, result).ok() for result in schema.get_all_operations()]
     paths = session.spec.quick_paths if quick else None
     targets = [op for op in operations if paths is None or op.path in paths]
     batch: list[tuple[Any, str]] = []
@@ -709,7 +745,7 @@ def check_caps(session: Session) -> Caps:
             violations.append(f"{wf.workflow_id}: {wf.name} is started by no known endpoint")
             continue
         paths, names = started_by
-        args = tuple((wf.input or {}).get("args", ()))
+        args = tuple(wf.input["args"]) if wf.input else ()
         checked += 1
         if len(args) != len(names):
             violations.append(f"{wf.workflow_id}: {wf.name} has arguments {args!r}")

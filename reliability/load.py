@@ -74,8 +74,13 @@ from typing import Any
 
 import httpx
 
+from harness.apps import scope_app
+from harness.clients import ScopeClient
+from harness.db import query
+from harness.env import script_env
+from harness.proc import wait_for
+from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import AppServer, query, script_env, wait_for
 
 AREA = "load"
 STEPS = 3
@@ -84,7 +89,7 @@ REQUEST_TIMEOUT = 60.0
 BURST_TIMEOUT = 240.0
 SETTLE_TIMEOUT = 300.0
 SECOND_BURST_GROWTH_LIMIT_MIB = 16
-RUN_NAME = "A.run"
+RUN_NAME = scope_app.A.run.__qualname__
 NO_ANSWER = f"no answer in {REQUEST_TIMEOUT:.0f} s"
 
 
@@ -334,7 +339,7 @@ def settle(db_url: str, server: AppServer, burst: Burst, before: int) -> None:
 
     def done() -> bool:
         # /counters is a `def` endpoint too: it answers after the queued triggers started.
-        triggers = server.client.get("/counters", timeout=REQUEST_TIMEOUT).json()["triggers"]
+        triggers = ScopeClient(server.client).counters(timeout=REQUEST_TIMEOUT)["triggers"]
         rows = run_rows(db_url)
         burst.started = triggers - before
         return len(rows) == triggers and all(s == "SUCCESS" for s in rows.values())
@@ -409,7 +414,7 @@ def run_load(
                 f"peak RSS {burst.hwm_after_kib / 1024:.0f} MiB"
             )
             settle(db_url, server, burst, sum(b.started for b in run.bursts[:-1]))
-        run.counters = server.client.get("/counters", timeout=REQUEST_TIMEOUT).json()
+        run.counters = ScopeClient(server.client).counters(timeout=REQUEST_TIMEOUT)
         verify(db_url, run)
         try:
             server.terminate(timeout=30)

@@ -94,9 +94,14 @@ from typing import Any
 
 import httpx
 
-from reliability.core import Context, Figure, admin, info, progress, promise
-from tests import pgcluster
-from tests.helpers import AppServer, fan_out_result, ledger_runs, query, script_env
+from harness import pgcluster
+from harness.apps import shutdown_app
+from harness.clients import ShutdownClient
+from harness.db import admin, query
+from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.proc import until as _until
+from harness.server import AppServer
+from reliability.core import Context, Figure, info, progress, promise
 
 AREA = "outage"
 STEPS, MAX_N = 50, 30  # several seconds of CPU in one process: steps are in flight at the stop
@@ -107,8 +112,10 @@ PROBE_TIMEOUT = 10.0  # "answered, not hung"; /healthz itself gives up after 3 s
 PROBE_INTERVAL = 0.5
 RECOVERY_TIMEOUT = 180.0  # db_retry's backoff is capped at 60 s (90 s with jitter)
 # application_name of the connection holding fastapi_scope_shutdown's executor-slot lock.
-SLOT_CONNECTION = "experiment6-shutdown-slot"
-SCHEDULE_SECONDS = 5  # fastapi_scope_shutdown's schedule: every 5 seconds
+SLOT_CONNECTION = f"{shutdown_app.common.app_name(shutdown_app.APP)}-slot"
+# fastapi_scope_shutdown's schedule (CRON "*/5 * * * * *"): the app names no seconds
+# constant, so this one is the suite's own reading of its cron line.
+SCHEDULE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,10 @@ class Service:
     @property
     def ledger_path(self) -> Path:
         return self.workdir / "ledger.txt"
+
+    @property
+    def api(self) -> ShutdownClient:
+        return ShutdownClient(self.server.client)
 
 
 @dataclass
@@ -245,14 +256,7 @@ expected_result = fan_out_result
 
 def step_outputs(db_url: str, parent: str) -> dict[int, int]:
     """Step index -> how many ``fib_step`` outputs its child workflow recorded."""
-    rows = query(
-        db_url,
-        "SELECT w.workflow_uuid, count(o.function_id) FROM dbos.workflow_status w "
-        "LEFT JOIN dbos.operation_outputs o ON o.workflow_uuid = w.workflow_uuid "
-        "AND o.function_name = 'fib_step' WHERE w.parent_workflow_id = %s GROUP BY 1",
-        parent,
-    )
-    return {int(wf.rsplit("-", 1)[1]) - 1: int(n) for wf, n in rows}
+    return {i: c["outputs"] for i, c in children(db_url, parent).items()}
 
 
 def recorded_rows(db_url: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
@@ -338,17 +342,7 @@ def probe(client: httpx.Client, path: str, since: float, timeout: float = PROBE_
 
 def until(predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
     """Like ``wait_for``, but a timeout is an observation (None), not an error."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except (httpx.HTTPError, OSError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)
+    return _until(predicate, timeout, interval, tolerate=(httpx.HTTPError, OSError))
 
 
 # --- the service and the scenarios ------------------------------------------------------
@@ -377,13 +371,12 @@ def app_on(ctx: Context, cluster: pgcluster.Cluster, workers: int = 1) -> Iterat
         .render_as_string(hide_password=False)
     )
     workdir = ctx.scratch("outage")
-    env = script_env(db_url, FIB_LEDGER=str(workdir / "ledger.txt"))
-    log = workdir / "server.log"
-    if workers == 1:
-        server = AppServer("fastapi_scope_shutdown:app", env, log)
-    else:
-        env["WORKERS"] = str(workers)
-        server = AppServer.script("fastapi_scope_shutdown.py", env, log)
+    server = demo_server(
+        db_url,
+        workdir / "server.log",
+        workers=None if workers == 1 else workers,
+        ledger=workdir / "ledger.txt",
+    )
     try:
         server.start(ready_timeout=120)
         if until(lambda: len(claims(server.records())) >= workers, 120) is None:
@@ -449,16 +442,11 @@ def bring_back(cluster: pgcluster.Cluster) -> None:
 
 
 def trigger(service: Service, steps: int, max_n: int) -> str:
-    answer = service.server.client.post(
-        "/trigger_async", params={"steps": steps, "max_n": max_n}, timeout=30
-    )
-    answer.raise_for_status()
-    return str(answer.json()["workflow_id"])
+    return service.api.trigger(steps, max_n, timeout=30)
 
 
 def fan_out_view(service: Service, workflow_id: str) -> dict[str, Any] | None:
-    answer = service.server.client.get(f"/workflows/{workflow_id}", timeout=30)
-    return answer.json() if answer.status_code == 200 else None
+    return service.api.workflow(workflow_id, timeout=30)
 
 
 def run_scenario(
@@ -468,7 +456,7 @@ def run_scenario(
     server, db_url = service.server, service.db_url
     client = server.client
     progress(f"outage: {scenario.label}")
-    pid_before = client.get("/healthz", timeout=30).json()["pid"]
+    pid_before = service.api.healthz(timeout=30).json()["pid"]
     workflow_id = trigger(service, steps, max_n)
     result = ScenarioResult(scenario, workflow_id, expected=expected_result(steps, max_n))
     result.pid_before = pid_before
@@ -605,7 +593,7 @@ def second_process_executor(service: Service) -> str | None:
     server = AppServer("fastapi_scope_shutdown:app", env, service.workdir / "second.log")
     try:
         server.start(ready_timeout=120)
-        return str(server.client.get("/healthz", timeout=30).json()["executor_id"])
+        return str(ShutdownClient(server.client).healthz(timeout=30).json()["executor_id"])
     finally:
         server.close()
 

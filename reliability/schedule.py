@@ -45,7 +45,6 @@ Figures (per worker count)
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 from collections import Counter
@@ -54,13 +53,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from harness.apps import shutdown_app
+from harness.db import query
+from harness.env import script_env
+from harness.proc import alive, read_json_lines, wait_for
+from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
-from tests.helpers import AppServer, alive, query, script_env, wait_for
 
 AREA = "schedule"
-SCRIPT = "fastapi_scope_shutdown.py"
-WORKFLOW_NAME = "every_five_seconds"
-ID_PREFIX = "sched-shutdown-every-5s-"
+SCRIPT = f"{shutdown_app.__name__}.py"
+WORKFLOW_NAME = shutdown_app.every_five_seconds.__name__
+# DBOS's id of a scheduled run: sched-<schedule name>-<slot time>.
+ID_PREFIX = f"sched-{shutdown_app.SCHEDULE}-"
+# The app's CRON ("*/5 * * * * *"): it names no seconds constant.
 SLOT_SECONDS = 5
 # Every worker's apply_schedules replaces the schedule; the other workers' schedulers
 # restart their thread at their next poll (1 s at start-up). Slots from then on count.
@@ -171,21 +176,7 @@ class Window:
 def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
     """JSON records of a server log, and how many lines did not parse (interleaved writes
     of several processes would show up here)."""
-    records, bad = [], 0
-    text = path.read_text(errors="replace") if path.exists() else ""
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
+    return read_json_lines(path.read_text(errors="replace") if path.exists() else "")
 
 
 def serving_workers(records: list[dict[str, Any]]) -> dict[str, tuple[int, datetime]]:

@@ -44,18 +44,14 @@ import sys
 import uuid
 from typing import Any
 
-from reliability.core import REPO, Context, Figure, info, progress, promise
-from tests.helpers import (
-    AppServer,
-    database_dump,
-    known_secrets,
-    outputs,
-    run_script,
-    script_env,
-    secrets_in,
-    secrets_in_database,
-    wait_for,
-)
+from harness import REPO
+from harness.clients import CacheClient, ScopeClient, ShutdownClient
+from harness.db import database_dump, secrets_in_database
+from harness.env import known_secrets, outputs, script_env, secrets_in
+from harness.fanout import demo_server
+from harness.proc import run_script
+from harness.server import AppServer
+from reliability.core import Context, Figure, info, progress, promise
 
 AREA = "secrets"
 
@@ -84,45 +80,26 @@ def exercise_shutdown_guard(ctx: Context) -> dict[str, Any]:
     token = distinctive("shutdown-token")
     url = ctx.fresh_db("secrets-shutdown")
     work = ctx.scratch("secrets-shutdown")
-    env = script_env(url, SHUTDOWN_TOKEN=token)
     answers: list[int] = []
     serving_after: list[bool] = []
-    server = AppServer("fastapi_scope_shutdown:app", env, work / "guarded.log").start()
+    server = demo_server(url, work / "guarded.log", token=token).start()
+    api = ShutdownClient(server.client)
     try:
-        fan_out = server.client.post("/trigger_async", params={"steps": 20, "max_n": 15})
-        workflow_id = fan_out.json()["workflow_id"]
+        workflow_id = api.trigger(20, 15)
         for headers in near_misses(token):
-            answers.append(
-                server.client.post(
-                    "/shutdown", params={"mode": "crash"}, headers=headers
-                ).status_code
-            )
-            serving_after.append(
-                server.proc is not None
-                and server.proc.poll() is None
-                and server.client.get("/healthz").status_code in (200, 503)
-            )
-        wait_for(
-            lambda: server.client.get(f"/workflows/{workflow_id}").json()["status"] == "SUCCESS",
-            60,
-            0.2,
-            "the fan-out to finish",
-        )
-        right = server.client.post(
-            "/shutdown",
-            params={"mode": "graceful"},
-            headers={"Authorization": f"Bearer {token}"},
-        )
+            answers.append(api.shutdown("crash", headers=headers).status_code)
+            serving_after.append(server.running and api.healthz().status_code in (200, 503))
+        api.wait_success(workflow_id, 60)
+        right = api.shutdown("graceful", token=token)
         exit_code = server.wait_exit(timeout=30)
     finally:
         server.close()
 
     disabled: list[int] = []
-    env_off = script_env(url)
-    with AppServer("fastapi_scope_shutdown:app", env_off, work / "disabled.log") as off:
+    with demo_server(url, work / "disabled.log") as off:
         for headers in near_misses(token)[:3] + [{"Authorization": f"Bearer {token}"}]:
-            disabled.append(off.client.post("/shutdown", headers=headers).status_code)
-        disabled_serving = off.proc is not None and off.proc.poll() is None
+            disabled.append(ShutdownClient(off.client).shutdown(headers=headers).status_code)
+        disabled_serving = off.running
     return {
         "answers": answers,
         "serving_after": serving_after,
@@ -142,26 +119,14 @@ def exercise_apps(ctx: Context) -> dict[str, Any]:
     credentials = distinctive("credentials")
     env = script_env(url, CREDENTIALS_SECRET=credentials)
     with AppServer("fastapi_scope_cache:app", env, work / "cache.log") as cache:
-        ids = [
-            cache.client.post("/trigger_async", params={"pages": 2, "users_per_page": 2}).json()[
-                "workflow_id"
-            ]
-            for _ in range(2)
-        ]
+        api = CacheClient(cache.client)
+        ids = [api.start(pages=2, users_per_page=2) for _ in range(2)]
         for workflow_id in ids:
-            wait_for(
-                lambda w=workflow_id: (
-                    cache.client.get(f"/workflows/{w}").json()["status"] == "SUCCESS"
-                ),
-                60,
-                0.2,
-                "get_users to finish",
-            )
-        ran["cache_stats"] = cache.client.get("/cache").json()
+            api.wait_success(workflow_id, 60)
+        ran["cache_stats"] = api.cache()
     with AppServer("fastapi_scope:app", script_env(url), work / "scope.log") as scope:
-        ran["fastapi_scope"] = scope.client.post(
-            "/trigger_sync", params={"steps": 2, "step_seconds": 0}
-        ).status_code
+        sync = ScopeClient(scope.client).trigger_sync(steps=2, step_seconds=0)
+        ran["fastapi_scope"] = sync.status_code
 
     # integration.py against moto's S3 server with distinctive keys.
     from moto.server import ThreadedMotoServer

@@ -9,20 +9,14 @@ the reason, except under ``CI=true`` where that is a failure.
 from __future__ import annotations
 
 import os
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import helpers
-import pgcluster
 import pytest
-from sqlalchemy.engine import make_url
 
-# Tests import these as `helpers`, the benchmarks and the reliability suite as
-# `tests.helpers`: one module object under both names, so they share their state.
-sys.modules.setdefault("tests.helpers", helpers)
-sys.modules.setdefault("tests.pgcluster", pgcluster)
+from harness import env, pgcluster
+from harness.db import ScratchDatabases, assert_no_secret_in_databases
+from reliability.core import Context
 
 
 def _in_ci() -> bool:
@@ -54,58 +48,40 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pgcluster.stop(datadir)
 
 
-def _admin(server_url: str):  # type: ignore[no-untyped-def]
-    import psycopg2
-
-    conn = psycopg2.connect(server_url)
-    conn.autocommit = True
-    return conn
-
-
 @pytest.fixture(autouse=True)
 def no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
     """After every test: no secret a script was given shows up in a server log, a
     script's output, or a ``*.log`` file of the test's temporary directory."""
-    helpers.outputs.clear()
-    helpers.log_files.clear()
+    env.outputs.clear()
+    env.log_files.clear()
     yield
-    files = set(helpers.log_files) | set(tmp_path.rglob("*.log"))
-    leaks = [str(f) for f in sorted(files) if f.is_file() and helpers.secrets_in(f.read_bytes())]
-    leaks += [f"output {n}" for n, text in enumerate(helpers.outputs) if helpers.secrets_in(text)]
-    helpers.outputs.clear()
-    helpers.log_files.clear()
+    files = set(env.log_files) | set(tmp_path.rglob("*.log"))
+    leaks = [str(f) for f in sorted(files) if f.is_file() and env.secrets_in(f.read_bytes())]
+    leaks += [f"output {n}" for n, text in enumerate(env.outputs) if env.secrets_in(text)]
+    env.outputs.clear()
+    env.log_files.clear()
     assert not leaks, f"a secret reached: {leaks}"
 
 
 @pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
+def pg_url(pg_server: str, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database on the test server; checked for secrets and dropped
     afterwards."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    conn = _admin(pg_server)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    url = make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    scratch = ScratchDatabases(pg_server, prefix="t", directory=tmp_path)
+    url = scratch.postgres()
     try:
         yield url
-        helpers.assert_no_secret_in_databases(url)
+        assert_no_secret_in_databases(url)
     finally:
-        conn = _admin(pg_server)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            conn.close()
+        failed = scratch.close()
+        assert not failed, failed
 
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
     yield url
-    helpers.assert_no_secret_in_databases(url)
+    assert_no_secret_in_databases(url)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -117,13 +93,11 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[object]:
+def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
     """The reliability suite's context (reliability/core.py), with few trials."""
-    from reliability.core import Context
-
     ctx = Context(server_url=pg_server, workdir=tmp_path, trials=2, quick=True)
     try:
         yield ctx
-        helpers.assert_no_secret_in_databases(*ctx.databases())
+        assert_no_secret_in_databases(*ctx.databases())
     finally:
         ctx.close()

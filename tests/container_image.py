@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from dockerfile_parse import DockerfileParser
-from helpers import AppServer
+
+from harness.server import AppServer
 
 # What python:3.12-slim sets before our ENV lines. Its PATH starts with /usr/local/bin,
 # where its python, pip and everything pip installs live: here the virtualenv's bin

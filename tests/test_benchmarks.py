@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, script_env
+from harness import REPO
+from harness.env import script_env
 
 # Every row the table has; on SQLite all but 4a and 4c (two worker processes need
 # Postgres).

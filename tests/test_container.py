@@ -29,8 +29,11 @@ import container_image as ci
 import httpx
 import pytest
 import yaml
-from helpers import REPO, free_port, query, wait_for
 from sqlalchemy.engine import make_url
+
+from harness import REPO
+from harness.db import query
+from harness.proc import free_port, wait_for
 
 DOCKERFILE = REPO / "Dockerfile"
 BIN = Path(sys.executable).parent
@@ -286,11 +289,11 @@ def variables_read_by_code() -> dict[str, str]:
                 name = node.left
             if isinstance(name, ast.Constant) and isinstance(name.value, str):
                 found.setdefault(name.value, str(rel))
-    for name in ("dbos-config.yaml", "docker-compose.yml"):
-        for line in (REPO / name).read_text().splitlines():
+    for file in ("dbos-config.yaml", "docker-compose.yml"):
+        for line in (REPO / file).read_text().splitlines():
             if not line.lstrip().startswith("#"):
                 for var in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", line):
-                    found.setdefault(var, name)
+                    found.setdefault(var, file)
     return {var: where for var, where in found.items() if var not in OS_VARIABLES}
 
 

@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import httpx
-from helpers import REPO, free_port, script_env, wait_for
+
+from harness import REPO
+from harness.env import script_env
+from harness.proc import free_port, wait_for
 
 DBOS = Path(sys.executable).parent / "dbos"
 

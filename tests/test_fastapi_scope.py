@@ -9,17 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import (
-    REPO,
-    AppServer,
-    free_port,
-    parse_json_lines,
-    query,
-    script_env,
-    step_outputs,
-    wait_for,
-    workflow_rows,
-)
+
+from harness import REPO
+from harness.apps import scope_app as app
+from harness.clients import ScopeClient
+from harness.db import query, step_outputs, workflow_rows
+from harness.env import script_env
+from harness.proc import free_port, parse_json_lines, wait_for
+from harness.server import AppServer
 
 TARGET = "fastapi_scope:app"
 FAST = {"steps": 3, "step_seconds": 0}
@@ -27,12 +24,7 @@ FAST = {"steps": 3, "step_seconds": 0}
 
 def finished(server: AppServer, workflow_id: str, timeout: float = 30) -> dict[str, Any]:
     """Poll GET /workflows/{id} until the workflow has left PENDING/ENQUEUED."""
-
-    def done() -> dict[str, Any] | None:
-        body = server.client.get(f"/workflows/{workflow_id}").json()
-        return body if body["status"] not in ("PENDING", "ENQUEUED") else None
-
-    return wait_for(done, timeout, 0.1, f"workflow {workflow_id} to finish")
+    return ScopeClient(server.client).wait_finished(workflow_id, timeout)
 
 
 def test_sync_and_async_triggers_finish_and_unknown_ids_are_404(
@@ -152,17 +144,17 @@ def test_a_run_recovered_after_sigkill_counts_only_the_steps_the_new_process_ran
     assert resumed == list(range(done_before + 1, 7))
 
 
-BAD_PARAMS = [
+BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
     ("/trigger_sync", {"steps": 0}, "steps"),
-    ("/trigger_sync", {"steps": 21}, "steps"),
+    ("/trigger_sync", {"steps": app.SYNC_MAX_STEPS + 1}, "steps"),
     ("/trigger_sync", {"steps": "abc"}, "steps"),
     ("/trigger_sync", {"step_seconds": -1}, "step_seconds"),
-    ("/trigger_sync", {"step_seconds": 0.6}, "step_seconds"),
+    ("/trigger_sync", {"step_seconds": app.SYNC_MAX_STEP_SECONDS + 0.1}, "step_seconds"),
     ("/trigger_sync", {"step_seconds": "nan"}, "step_seconds"),
     ("/trigger_sync", {"step_seconds": "inf"}, "step_seconds"),
-    ("/trigger_async", {"steps": 51}, "steps"),
-    ("/trigger_async", {"step_seconds": 1.5}, "step_seconds"),
-    ("/instance/trigger_sync", {"steps": 21}, "steps"),
+    ("/trigger_async", {"steps": app.ASYNC_MAX_STEPS + 1}, "steps"),
+    ("/trigger_async", {"step_seconds": app.ASYNC_MAX_STEP_SECONDS + 0.5}, "step_seconds"),
+    ("/instance/trigger_sync", {"steps": app.SYNC_MAX_STEPS + 1}, "steps"),
     ("/instance/trigger_sync", {"step_seconds": "soon"}, "step_seconds"),
 ]
 

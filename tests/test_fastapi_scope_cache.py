@@ -16,16 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from helpers import (
-    REPO,
-    AppServer,
-    free_port,
-    parse_json_lines,
-    query,
-    script_env,
-    wait_for,
-    workflow_rows,
-)
+from harness import REPO
+from harness.apps import cache_app as app
+from harness.clients import CacheClient
+from harness.db import query, workflow_rows
+from harness.env import script_env
+from harness.proc import free_port, parse_json_lines, wait_for
+from harness.server import AppServer
 
 TARGET = "fastapi_scope_cache:app"
 ALL_USERS = {(page, f"user-{page}-{n}") for page in range(1, 6) for n in range(1, 4)}
@@ -34,18 +31,11 @@ CALLS_PER_RUN = 1 + 5 + 15
 
 
 def finished(server: AppServer, workflow_id: str, timeout: float = 60) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        body = server.client.get(f"/workflows/{workflow_id}").json()
-        return body if body["status"] not in ("PENDING", "ENQUEUED") else None
-
-    return wait_for(done, timeout, 0.1, f"workflow {workflow_id} to finish")
+    return CacheClient(server.client).wait_finished(workflow_id, timeout)
 
 
 def run_get_users(server: AppServer, **params: Any) -> tuple[str, dict[str, Any]]:
-    started = server.client.post("/trigger_async", params=params)
-    assert started.status_code == 202, started.text
-    workflow_id = started.json()["workflow_id"]
-    return workflow_id, finished(server, workflow_id)
+    return CacheClient(server.client).run(**params)
 
 
 # --- reading what DBOS stored ---------------------------------------------------
@@ -243,14 +233,15 @@ def test_python_script_on_sqlite_serves_rejects_bad_parameters_and_keeps_serving
         "fastapi_scope_cache.py", script_env(sqlite_url), tmp_path / "server.log"
     )
     with server:
-        for params, name in [
+        bad: list[tuple[dict[str, Any], str]] = [
             ({"pages": 0}, "pages"),
-            ({"pages": 11}, "pages"),
+            ({"pages": app.MAX_PAGES + 1}, "pages"),
             ({"users_per_page": "three"}, "users_per_page"),
-            ({"users_per_page": 11}, "users_per_page"),
-            ({"step_seconds": 0.6}, "step_seconds"),
+            ({"users_per_page": app.MAX_USERS_PER_PAGE + 1}, "users_per_page"),
+            ({"step_seconds": app.MAX_STEP_SECONDS + 0.1}, "step_seconds"),
             ({"step_seconds": "nan"}, "step_seconds"),
-        ]:
+        ]
+        for params, name in bad:
             answer = server.client.post("/trigger_async", params=params)
             assert answer.status_code == 422, (params, answer.text)
             assert [e["loc"] for e in answer.json()["detail"]] == [["query", name]]

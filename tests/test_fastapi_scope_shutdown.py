@@ -17,20 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import (
-    REPO,
-    AppServer,
+
+from harness import REPO
+from harness.apps import shutdown_app as demo
+from harness.clients import ShutdownClient
+from harness.db import query
+from harness.env import script_env
+from harness.fanout import (
+    assert_clean_stop,
+    assert_queue_limit,
+    children,
+    demo_server,
     fan_out_result,
-    free_port,
     ledger_runs,
-    query,
-    run_script,
-    script_env,
-    wait_for,
+    schedule_runs,
 )
+from harness.proc import free_port, run_script, wait_for
+from harness.server import AppServer
 
 TOKEN = "test-token-7c1d0e"  # must never show up in a log
-GRACE_SECONDS = 5  # fastapi_scope_shutdown.GRACE_SECONDS
 SCRIPT = REPO / "fastapi_scope_shutdown.py"
 
 
@@ -48,125 +53,17 @@ def app_server(
 ) -> AppServer:
     """``uvicorn fastapi_scope_shutdown:app`` (one process, as in the Docker image), or
     ``python fastapi_scope_shutdown.py`` with WORKERS processes (as ``dbos start``)."""
-    extra = {"FIB_LEDGER": str(tmp_path / "ledger.txt")}
-    if token:
-        extra["SHUTDOWN_TOKEN"] = token
-    env = script_env(db_url, **extra)
-    log = tmp_path / f"{name}.log"
-    if workers is None:
-        return AppServer("fastapi_scope_shutdown:app", env, log, port=port)
-    env["WORKERS"] = str(workers)
-    return AppServer.script(SCRIPT.name, env, log, port=port)
+    log, ledger = tmp_path / f"{name}.log", tmp_path / "ledger.txt"
+    return demo_server(db_url, log, workers=workers, token=token, ledger=ledger, port=port)
 
 
-def trigger(server: AppServer, steps: int, max_n: int) -> str:
-    answer = server.client.post("/trigger_async", params={"steps": steps, "max_n": max_n})
-    assert answer.status_code == 202, answer.text
-    body = answer.json()
-    assert body["status"] in ("PENDING", "ENQUEUED", "SUCCESS")
-    return body["workflow_id"]
-
-
-def progress(server: AppServer, workflow_id: str) -> dict[str, Any]:
-    answer = server.client.get(f"/workflows/{workflow_id}")
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def wait_done(server: AppServer, workflow_id: str, timeout: float = 60) -> dict[str, Any]:
-    return wait_for(
-        lambda: (view := progress(server, workflow_id))["status"] == "SUCCESS" and view,
-        timeout,
-        0.2,
-        f"fan-out {workflow_id} to finish",
-    )
-
-
-def wait_progress(server: AppServer, workflow_id: str, done: int) -> dict[str, Any]:
-    return wait_for(
-        lambda: (view := progress(server, workflow_id))["progress"]["done"] >= done and view,
-        60,
-        0.1,
-        f"{done} steps of {workflow_id} to finish",
-    )
-
-
-def children(db_url: str, parent: str) -> dict[int, dict[str, Any]]:
-    """The fan-out's step workflows by step index (child id ``<parent>-<index + 1>``):
-    status, executor, dequeue/end times (workflow_status), how many outputs the step
-    recorded and when its body ran (operation_outputs)."""
-    rows = query(
-        db_url,
-        "SELECT w.workflow_uuid, w.status, w.executor_id, w.started_at_epoch_ms, "
-        "w.completed_at, count(o.function_id), min(o.started_at_epoch_ms), "
-        "min(o.completed_at_epoch_ms) "
-        "FROM dbos.workflow_status w LEFT JOIN dbos.operation_outputs o "
-        "ON o.workflow_uuid = w.workflow_uuid AND o.function_name = 'fib_step' "
-        "WHERE w.parent_workflow_id = %s GROUP BY 1, 2, 3, 4, 5",
-        parent,
-    )
-    found = {}
-    for wf_id, status, executor, started, completed, outputs, body_start, body_end in rows:
-        index = int(wf_id.rsplit("-", 1)[1]) - 1
-        found[index] = {
-            "status": status,
-            "executor_id": executor,
-            "started": started,
-            "completed": completed,
-            "outputs": outputs,
-            "body": (body_start, body_end),
-        }
-    return found
-
-
-def assert_queue_limit(steps_run: dict[int, dict[str, Any]]) -> None:
-    """At most 50 steps ran at once, and more than one did.
-
-    workflow_status stamps dequeue and end with the database's now(), the start of
-    each transaction: a dequeue that began before a peer's completion committed, and
-    then saw the freed room, carries a start earlier than that completion, so the
-    stamps can show 51 overlapping for a moment that never had 51. Each step's body
-    times (operation_outputs, taken by the worker after its dequeue committed and
-    before its end commits) lie strictly inside the time its queue slot was held.
-    """
-    status_peak = max_running([(c["started"], c["completed"]) for c in steps_run.values()])
-    body_peak = max_running([c["body"] for c in steps_run.values()])
-    assert status_peak > 1, status_peak
-    assert 1 < body_peak <= 50, body_peak
+def api(server: AppServer) -> ShutdownClient:
+    return ShutdownClient(server.client)
 
 
 def ledger(tmp_path: Path, parent: str) -> Counter[int]:
     """How often each step body of ``parent`` ran (index -> executions)."""
     return ledger_runs(tmp_path / "ledger.txt", parent)
-
-
-def max_running(intervals: list[tuple[int, int]]) -> int:
-    """Most intervals open at one instant (an end at t closes before a start at t)."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    return peak
-
-
-def assert_clean_stop(server: AppServer, started: float, bound: float) -> None:
-    code = server.wait_exit(timeout=bound + 20)
-    elapsed = time.monotonic() - started
-    text = server.log_text()
-    # uvicorn re-raises the SIGTERM after its graceful shutdown: -15 is clean.
-    assert code in (0, -signal.SIGTERM), f"exit {code}:\n{text[-3000:]}"
-    assert elapsed < bound, f"stop took {elapsed:.1f}s"
-    assert "Traceback" not in text
-    messages = [r["message"] for r in server.records()]
-    assert "stopping DBOS" in messages
-    assert messages.index("DBOS successfully shut down") > messages.index("stopping DBOS")
-    assert "Application shutdown complete." in messages
-    assert TOKEN not in text
-
-
-def schedule_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if r.get("message") == "scheduled workflow"]
 
 
 # --- the fan-out ------------------------------------------------------------
@@ -177,23 +74,23 @@ def test_fan_out_returns_fibonacci_numbers_with_at_most_50_steps_running_at_once
 ) -> None:
     steps, max_n = 120, 20  # more steps than the limit, each a few ms of CPU
     with app_server(tmp_path, pg_url, "server") as server:
-        health = server.client.get("/healthz").json()
+        health = api(server).healthz().json()
         assert health == {
             "status": "ok",
             "executor_id": "shutdown-0",
             "database": "postgres",
             "pid": health["pid"],
         }
-        workflow_id = trigger(server, steps, max_n)
+        workflow_id = api(server).trigger(steps, max_n)
         seen = []
-        while (view := progress(server, workflow_id))["status"] != "SUCCESS":
+        while (view := api(server).view(workflow_id))["status"] != "SUCCESS":
             assert view["status"] == "PENDING" and "result" not in view
             assert view["progress"]["total"] == steps
             seen.append(view["progress"]["done"])
             time.sleep(0.05)
-        missing = server.client.get("/workflows/no-such-workflow")
+        missing = api(server).get_workflow("no-such-workflow")
         # A step workflow exists, but it is not a fan-out.
-        step_workflow = server.client.get(f"/workflows/{workflow_id}-1")
+        step_workflow = api(server).get_workflow(f"{workflow_id}-1")
     assert view["result"] == expected(steps, max_n)
     assert view["progress"] == {"done": steps, "total": steps}
     assert seen == sorted(seen), seen  # progress only grows
@@ -206,17 +103,17 @@ def test_fan_out_returns_fibonacci_numbers_with_at_most_50_steps_running_at_once
     assert {c["status"] for c in steps_run.values()} == {"SUCCESS"}
     assert {c["outputs"] for c in steps_run.values()} == {1}  # one recorded output each
     assert ledger(tmp_path, workflow_id) == Counter(range(steps))  # each body ran once
-    assert_queue_limit(steps_run)
+    assert_queue_limit(steps_run, demo.QUEUE_CONCURRENCY)
 
 
 @pytest.mark.parametrize(
     ("params", "field"),
     [
         ({"steps": 0}, "steps"),
-        ({"steps": 501}, "steps"),
+        ({"steps": demo.MAX_STEPS + 1}, "steps"),
         ({"steps": "many"}, "steps"),
         ({"max_n": -1}, "max_n"),
-        ({"max_n": 33}, "max_n"),
+        ({"max_n": demo.MAX_MAX_N + 1}, "max_n"),
     ],
 )
 def test_out_of_range_parameters_are_422_with_the_reason(
@@ -232,10 +129,11 @@ def test_out_of_range_parameters_are_422_with_the_reason(
 def test_openapi_documents_the_ranges(sqlite_server: AppServer) -> None:
     spec = sqlite_server.client.get("/openapi.json").json()
     params = {p["name"]: p for p in spec["paths"]["/trigger_async"]["post"]["parameters"]}
-    assert (params["steps"]["schema"]["minimum"], params["steps"]["schema"]["maximum"]) == (1, 500)
-    assert (params["max_n"]["schema"]["minimum"], params["max_n"]["schema"]["maximum"]) == (0, 32)
-    assert params["steps"]["schema"]["default"] == 50
-    assert params["max_n"]["schema"]["default"] == 30
+    steps, max_n = params["steps"]["schema"], params["max_n"]["schema"]
+    assert (steps["minimum"], steps["maximum"]) == (1, demo.MAX_STEPS)
+    assert (max_n["minimum"], max_n["maximum"]) == (0, demo.MAX_MAX_N)
+    assert steps["default"] == demo.DEFAULT_STEPS
+    assert max_n["default"] == demo.DEFAULT_MAX_N
     shutdown = spec["paths"]["/shutdown"]["post"]["responses"]
     assert {"202", "401", "403"} <= shutdown.keys()
 
@@ -250,10 +148,10 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_sqlite_runs_the_fan_out_in_one_process(sqlite_server: AppServer) -> None:
-    health = sqlite_server.client.get("/healthz").json()
+    health = api(sqlite_server).healthz().json()
     assert (health["executor_id"], health["database"]) == ("shutdown-0", "sqlite")
-    workflow_id = trigger(sqlite_server, 12, 10)
-    assert wait_done(sqlite_server, workflow_id)["result"] == expected(12, 10)
+    workflow_id = api(sqlite_server).trigger(12, 10)
+    assert api(sqlite_server).wait_success(workflow_id)["result"] == expected(12, 10)
 
 
 def test_sqlite_refuses_a_second_process_and_several_workers(tmp_path: Path) -> None:
@@ -264,7 +162,7 @@ def test_sqlite_refuses_a_second_process_and_several_workers(tmp_path: Path) -> 
         )
         assert second.returncode == 2
         assert "another process already serves" in second.records[-1]["message"]
-        assert first.client.get("/healthz").status_code == 200
+        assert api(first).healthz().status_code == 200
     several = run_script("fastapi_scope_shutdown.py", env=script_env(url, WORKERS="2"))
     assert several.returncode == 2
     assert len(several.records) == 1
@@ -293,22 +191,20 @@ def test_shutdown_without_the_right_token_is_refused_and_the_server_keeps_servin
 ) -> None:
     with app_server(tmp_path, pg_url, "server") as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-            answer = server.client.post("/shutdown", params={"mode": "crash"}, headers=headers)
+            answer = api(server).shutdown("crash", headers=headers)
             assert answer.status_code == 401, (headers, answer.text)
             assert answer.headers["www-authenticate"] == "Bearer"
-        bad_mode = server.client.post(
-            "/shutdown", params={"mode": "reboot"}, headers={"Authorization": f"Bearer {TOKEN}"}
-        )
+        bad_mode = api(server).shutdown("reboot", token=TOKEN)
         assert bad_mode.status_code == 422
         time.sleep(0.5)  # a shutdown would have started by now
         assert server.proc is not None and server.proc.poll() is None
-        assert server.client.get("/healthz").status_code == 200
+        assert api(server).healthz().status_code == 200
         assert TOKEN not in server.log_text()
     # No SHUTDOWN_TOKEN configured: the endpoint is disabled, whatever is sent.
-    disabled = sqlite_server.client.post("/shutdown", headers={"Authorization": f"Bearer {TOKEN}"})
+    disabled = api(sqlite_server).shutdown(token=TOKEN)
     assert disabled.status_code == 403
     assert "SHUTDOWN_TOKEN" in disabled.json()["detail"]
-    assert sqlite_server.client.get("/healthz").status_code == 200
+    assert api(sqlite_server).healthz().status_code == 200
 
 
 def test_sigterm_from_outside_is_a_graceful_stop_and_frees_the_executor_slot(
@@ -316,16 +212,16 @@ def test_sigterm_from_outside_is_a_graceful_stop_and_frees_the_executor_slot(
 ) -> None:
     server = app_server(tmp_path, pg_url, "first").start()
     try:
-        assert server.client.get("/healthz").json()["executor_id"] == "shutdown-0"
+        assert api(server).healthz().json()["executor_id"] == "shutdown-0"
         started = time.monotonic()
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
-        assert_clean_stop(server, started, bound=GRACE_SECONDS + 10)
+        assert_clean_stop(server, started, bound=demo.GRACE_SECONDS + 10, secret=TOKEN)
     finally:
         server.close()
     # The slot was released: the next process gets the same executor id.
     with app_server(tmp_path, pg_url, "second") as again:
-        assert again.client.get("/healthz").json()["executor_id"] == "shutdown-0"
+        assert api(again).healthz().json()["executor_id"] == "shutdown-0"
 
 
 # --- the schedule, next to another experiment ----------------------------------
@@ -345,7 +241,8 @@ def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_databa
         # Two runs 5 s apart within about 12 s of serving.
         wait_for(lambda: len(schedule_runs(server.records())) >= 2, 12, 0.2, "two runs")
         queues_before = query(pg_url, queue_sql)
-        assert queues_before == [("shutdown-fib", 50, None, 0.2, "experiment6-shutdown")]
+        queue = (demo.QUEUE, demo.QUEUE_CONCURRENCY, None, demo.QUEUE_POLLING_SEC)
+        assert queues_before == [(*queue, "experiment6-shutdown")]
 
         scope = run_script(
             "scope.py", "--steps", "2", "--step-seconds", "0", env=script_env(pg_url)

@@ -11,29 +11,45 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from helpers import AppServer, alive, query, wait_for
-from test_fastapi_scope_shutdown import (
-    GRACE_SECONDS,
-    TOKEN,
-    app_server,
+from harness.apps import shutdown_app as demo
+from harness.clients import ShutdownClient
+from harness.db import query
+from harness.fanout import (
     assert_clean_stop,
     assert_queue_limit,
     children,
-    expected,
-    ledger,
+    demo_server,
+    fan_out_result,
+    ledger_runs,
     schedule_runs,
-    trigger,
-    wait_done,
+    slot_claims,
 )
+from harness.proc import alive, wait_for
+from harness.server import AppServer
+
+TOKEN = "test-token-workers-41b7"  # must never show up in a log
+expected = fan_out_result  # what a fan-out of (steps, max_n) must return
+
+
+def app_server(tmp_path: Path, db_url: str, name: str, *, workers: int | None = None) -> AppServer:
+    """``python fastapi_scope_shutdown.py`` with WORKERS processes (as ``dbos start``), or
+    ``uvicorn fastapi_scope_shutdown:app`` (one process) without."""
+    log, ledger_file = tmp_path / f"{name}.log", tmp_path / "ledger.txt"
+    return demo_server(db_url, log, workers=workers, token=TOKEN, ledger=ledger_file)
+
+
+def api(server: AppServer) -> ShutdownClient:
+    return ShutdownClient(server.client)
+
+
+def ledger(tmp_path: Path, parent: str) -> Counter[int]:
+    """How often each step body of ``parent`` ran (index -> executions)."""
+    return ledger_runs(tmp_path / "ledger.txt", parent)
 
 
 def claims(server: AppServer) -> list[tuple[str, int]]:
     """(executor_id, pid) of every "executor slot claimed" line, in order."""
-    return [
-        (r["executor_id"], r["pid"])
-        for r in server.records()
-        if r.get("message") == "executor slot claimed"
-    ]
+    return slot_claims(server.records())
 
 
 def live_workers(server: AppServer, count: int) -> dict[str, int]:
@@ -60,7 +76,7 @@ def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
     try:
         workers = live_workers(server, 2)
         assert set(workers) == {"shutdown-0", "shutdown-1"}
-        workflow_id = trigger(server, steps, max_n)
+        workflow_id = api(server).trigger(steps, max_n)
 
         def all_enqueued_and_big_steps_running() -> bool:
             kids = children(pg_url, workflow_id)
@@ -68,9 +84,7 @@ def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
             return len(kids) == steps and running >= 3
 
         wait_for(all_enqueued_and_big_steps_running, 90, 0.05, "big steps running")
-        answer = server.client.post(
-            "/shutdown", params={"mode": "crash"}, headers={"Authorization": f"Bearer {TOKEN}"}
-        )
+        answer = api(server).shutdown("crash", token=TOKEN)
         assert answer.status_code == 202
         # SIGKILL for the supervisor too (not restarted workers), and every worker.
         assert server.wait_exit(timeout=10) == -signal.SIGKILL
@@ -97,7 +111,7 @@ def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
     # One process now, as the Docker image runs it: it claims slot 0 and recovers that
     # executor's workflows at launch; 5 s later it adopts slot 1, which nobody claimed.
     with app_server(tmp_path, pg_url, "second") as again:
-        view = wait_done(again, workflow_id, timeout=90)
+        view = api(again).wait_success(workflow_id, timeout=90)
     adopted = {
         r["orphan"] for r in again.records() if r["message"] == "adopted orphaned executor slot"
     }
@@ -128,11 +142,11 @@ def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_k
         # carry a few seconds of CPU in all, so the fan-out spans many queue polls: with
         # trivial steps one worker's poll can take the whole fan-out before the other's.
         steps, max_n = 120, 25
-        first = trigger(server, steps, max_n)
-        assert wait_done(server, first)["result"] == expected(steps, max_n)
+        first = api(server).trigger(steps, max_n)
+        assert api(server).wait_success(first)["result"] == expected(steps, max_n)
         kids = children(pg_url, first)
         assert set(Counter(c["executor_id"] for c in kids.values())) == set(workers)
-        assert_queue_limit(kids)
+        assert_queue_limit(kids, demo.QUEUE_CONCURRENCY)
         # With every worker alive, no step body ran twice.
         assert ledger(tmp_path, first) == Counter(range(steps))
 
@@ -153,7 +167,7 @@ def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_k
         # Kill the worker with the most running steps; uvicorn starts a new one, which
         # claims the freed slot (same executor id) and so recovers exactly that work.
         steps, max_n = 120, 26
-        second = trigger(server, steps, max_n)
+        second = api(server).trigger(steps, max_n)
         running = wait_for(
             lambda: [
                 c["executor_id"]
@@ -175,7 +189,7 @@ def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_k
         replaced = live_workers(server, 2)
         assert set(replaced) == set(workers)
         assert replaced[victim] != workers[victim]
-        view = wait_done(server, second)
+        view = api(server).wait_success(second)
         assert view["result"] == expected(steps, max_n)
         after = children(pg_url, second)
         assert {c["outputs"] for c in after.values()} == {1}
@@ -195,17 +209,15 @@ def test_graceful_shutdown_of_two_workers_mid_fan_out_stops_all_and_a_restart_fi
     server = app_server(tmp_path, pg_url, "first", workers=2).start()
     try:
         workers = live_workers(server, 2)
-        workflow_id = trigger(server, steps, max_n)
+        workflow_id = api(server).trigger(steps, max_n)
         wait_for(lambda: children(pg_url, workflow_id), 30, 0.05, "steps to start")
-        answer = server.client.post(
-            "/shutdown", params={"mode": "graceful"}, headers={"Authorization": f"Bearer {TOKEN}"}
-        )
+        answer = api(server).shutdown("graceful", token=TOKEN)
         started = time.monotonic()
         assert answer.status_code == 202
         assert answer.json()["mode"] == "graceful"
         # The worker that answered signals the supervisor, which stops every worker;
         # each runs its lifespan (DBOS.destroy with its bounded wait).
-        assert_clean_stop(server, started, bound=GRACE_SECONDS + 10)
+        assert_clean_stop(server, started, bound=demo.GRACE_SECONDS + 10, secret=TOKEN)
         assert not any(alive(p) for p in workers.values())
     finally:
         server.close()
@@ -226,7 +238,7 @@ def test_graceful_shutdown_of_two_workers_mid_fan_out_stops_all_and_a_restart_fi
     again = app_server(tmp_path, pg_url, "second", workers=2).start()
     try:
         assert set(live_workers(again, 2)) == {"shutdown-0", "shutdown-1"}
-        view = wait_done(again, workflow_id)
+        view = api(again).wait_success(workflow_id)
     finally:
         again.close()
     assert view["result"] == expected(steps, max_n)

@@ -23,15 +23,11 @@ from typing import Any
 
 import boto3
 import pytest
-from helpers import (
-    REPO,
-    free_port,
-    parse_json_lines,
-    query,
-    run_script,
-    script_env,
-    wait_for,
-)
+
+from harness import REPO
+from harness.db import query
+from harness.env import script_env
+from harness.proc import free_port, parse_json_lines, run_script, wait_for
 
 SECRET = "s3cr3t-" + uuid.uuid4().hex  # must never reach logs or the database
 PAGE_WORKFLOW = "S3Inventory.record_page"

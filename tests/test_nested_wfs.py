@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ScriptResult, query, run_script, script_env
+
+from harness.db import query
+from harness.env import script_env
+from harness.proc import ScriptResult, run_script
 
 LEVELS = ("root", "wf", "child")
 NAMES = {"root": "wf_root", "wf": "wf", "child": "wf_child"}

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import query, step_outputs
-
+from harness.db import query, step_outputs
 from reliability import crash_matrix
 from reliability.core import Context, Figure, broken
 

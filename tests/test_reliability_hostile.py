@@ -10,8 +10,8 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from helpers import assert_no_secret_in_databases
 
+from harness.db import assert_no_secret_in_databases
 from reliability import hostile
 from reliability.core import Context
 

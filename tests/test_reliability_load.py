@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import assert_no_secret_in_databases
 
+from harness.db import assert_no_secret_in_databases
 from reliability import load
 from reliability.core import Context, broken
 

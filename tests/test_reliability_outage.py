@@ -16,10 +16,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pgcluster
 import pytest
-from helpers import AppServer, script_env
 
+from harness import pgcluster
+from harness.env import script_env
+from harness.server import AppServer
 from reliability import outage
 from reliability.core import Context
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from helpers import assert_no_secret_in_databases
 
+from harness.db import assert_no_secret_in_databases
 from reliability import schedule
 from reliability.core import Context, broken
 

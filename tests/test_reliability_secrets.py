@@ -7,8 +7,7 @@ from __future__ import annotations
 import base64
 import pickle
 
-from helpers import secrets_in
-
+from harness.env import secrets_in
 from reliability import secrets
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import run_script, script_env, step_outputs, workflow_rows
+from harness.db import step_outputs, workflow_rows
+from harness.env import script_env
+from harness.proc import run_script
 
 ARGS = ("--steps", "5", "--step-seconds", "0")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from helpers import run_script, script_env, step_outputs, workflow_rows
+from harness.db import step_outputs, workflow_rows
+from harness.env import script_env
+from harness.proc import run_script
 
 ARGS = ("--steps", "5", "--step-seconds", "0")
 

@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, query, run_script, script_env
+from harness import REPO
+from harness.db import query
+from harness.env import script_env
+from harness.proc import run_script
 
 ARGS = ("--steps", "4", "--step-seconds", "0")
 

@@ -1,7 +1,7 @@
-"""A throwaway PostgreSQL cluster for the tests (and for `.ci/run`).
+"""A throwaway PostgreSQL cluster for the tests, the reliability suite and `.ci/run`.
 
-    python tests/pgcluster.py start DIR   # prints the server URL
-    python tests/pgcluster.py stop DIR
+    python -m harness.pgcluster start DIR   # prints the server URL
+    python -m harness.pgcluster stop DIR
 
 ``Cluster`` (for the reliability suite) also stops and starts a cluster again on
 the same port, to take the database away from a running application.
@@ -16,10 +16,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from harness.proc import free_port
 
 
 def find_bindir() -> Path | None:
@@ -28,12 +29,6 @@ def find_bindir() -> Path | None:
         return Path(found).parent
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
     return Path(versions[0]).parent if versions else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_owner(cmd: list[str]) -> list[str]:
@@ -59,7 +54,6 @@ def start(datadir: Path) -> str:
             if not mode & 0o001:
                 os.chmod(parent, mode | 0o001)
     port = free_port()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "check": True}
     subprocess.run(
         _as_owner(
             [
@@ -75,7 +69,9 @@ def start(datadir: Path) -> str:
                 "UTF8",
             ]
         ),
-        **quiet,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=True,
     )
     options = (
         f"-p {port} -c listen_addresses=127.0.0.1 -k {datadir} "
@@ -98,7 +94,9 @@ def start(datadir: Path) -> str:
                 "start",
             ]
         ),
-        **quiet,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=True,
     )
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     (datadir / "url").write_text(url)

@@ -1,0 +1,146 @@
+"""Processes: run a script, wait for a condition, free ports, liveness, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import REPO
+from harness.env import outputs, remember_secrets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # "pid (comm) state ...": comm may hold spaces, split after ")".
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (an
+    ``AssertionError``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.2,
+    tolerate: tuple[type[BaseException], ...] = (OSError,),
+) -> Any:
+    """Like ``wait_for``, but a timeout is an observation (None), not an error; the
+    exceptions in ``tolerate`` count as a falsy answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except tolerate:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+
+
+def parse_json_lines(text: str) -> list[dict[str, Any]]:
+    """Every non-empty line must be one JSON object."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AssertionError(f"stdout line {number} is not JSON: {line!r}") from exc
+        assert isinstance(record, dict), f"stdout line {number} is not an object: {line!r}"
+        records.append(record)
+    return records
+
+
+def read_json_lines(text: str) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects among the lines, and how many non-empty lines were not one (a
+    line cut by a SIGKILL, interleaved writes of several processes)."""
+    records, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def iter_records(records: list[dict[str, Any]], message: str) -> Iterator[dict[str, Any]]:
+    return (r for r in records if r.get("message") == message)
+
+
+@dataclass
+class ScriptResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        assert self.records, f"no output; stderr:\n{self.stderr}"
+        last = self.records[-1]
+        assert last.get("message") == "summary", f"last line is not the summary: {last}"
+        return last
+
+    def messages(self, message: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("message") == message]
+
+
+def run_script(
+    script: str,
+    *args: str,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    timeout: float = 120,
+) -> ScriptResult:
+    """Run ``python <repo>/<script> args`` and parse its stdout as JSON lines."""
+    remember_secrets(env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        env=env,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    outputs.extend((proc.stdout, proc.stderr))
+    return ScriptResult(proc.returncode, proc.stdout, proc.stderr, parse_json_lines(proc.stdout))
