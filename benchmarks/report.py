@@ -27,6 +27,7 @@ from typing import Any
 
 from benchmarks.core import _fmt_ratio as fmt_ratio
 from benchmarks.core import fmt_seconds
+from harness.report import markdown_table
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "results.json"
@@ -43,7 +44,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of ``python -m benchmarks`` (``benchmarks.core.table``), from the
     JSON's summary fields, with the same formatting."""
     head = ("#", "db", "what", "A", "B", "A/B median", "min–max", "target", "met?")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body: list[list[object]] = []
     for row in rows:
         if row["skipped"] or row["error"] or row["ratio_median"] is None:
             reason = row["skipped"] or (row["error"] and f"ERROR: {row['error']}")
@@ -62,8 +63,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 row["target_text"],
                 met,
             ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def _find(results: dict[str, Any], rid: str, db: str) -> dict[str, Any]:

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import helpers
 import httpx
 import pytest
-from helpers import REPO, AppServer, remember_secrets, script_env, wait_for
+
+from harness import REPO
+from harness.env import outputs, remember_secrets, script_env
+from harness.proc import wait_for
+from harness.server import AppServer
 
 SCRIPTS = [
     "scope.py",
@@ -295,13 +298,11 @@ class Session:
             server = AppServer.script(argv[1], env, log)
         self.servers.append(server)
         server.start(ready_timeout=90)
-        for expected in command.expected:
-            wait_for(
-                lambda e=expected: shows(e, server.log_text()),
-                SERVER_LOG_WAIT_SEC,
-                0.5,
-                f"{expected!r} in the log of {text}",
-            )
+
+        def logged() -> bool:
+            return all(shows(e, server.log_text()) for e in command.expected)
+
+        wait_for(logged, SERVER_LOG_WAIT_SEC, 0.5, f"{command.expected} in the log of {text}")
 
     def _kill(self, text: str) -> None:
         server = self.servers[int(text.rsplit("%", 1)[1]) - 1]
@@ -332,7 +333,7 @@ class Session:
         deadline = time.monotonic() + (GET_RETRY_SEC if method == "GET" else 0)
         while True:
             answer = httpx.request(method, url, headers=headers, timeout=60).text
-            helpers.outputs.append(answer)
+            outputs.append(answer)
             if all(shows(e, answer) for e in command.expected) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -349,7 +350,7 @@ class Session:
             text=True,
             timeout=COMMAND_TIMEOUT_SEC,
         )
-        helpers.outputs.extend((proc.stdout, proc.stderr))
+        outputs.extend((proc.stdout, proc.stderr))
         output = proc.stdout + proc.stderr
         assert proc.returncode == command.exit_status, (
             f"{text}: exit {proc.returncode}, expected {command.exit_status}\n{output[-3000:]}"
