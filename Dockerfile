@@ -34,10 +34,11 @@ RUN pip install --no-cache-dir -r requirements-runtime.txt \
 
 # Only what the shutdown demo needs; owned by root, so the app cannot change its code.
 # dbos-config.yaml serves the DBOS CLI inside the container (dbos workflow list).
-COPY dbos-config.yaml common.py fastapi_scope_shutdown.py ./
+COPY dbos-config.yaml fastapi_scope_shutdown.py ./
+COPY lab/ lab/
 
 # The system database. DBOS_SYSTEM_DATABASE_URL wins when given (-e at run time);
-# left empty, common.py composes postgresql://PGUSER:PGPASSWORD@PGHOST:PGPORT/PGDATABASE
+# left empty, lab/config.py composes postgresql://PGUSER:PGPASSWORD@PGHOST:PGPORT/PGDATABASE
 # from the libpq variables below, as the original image configured Postgres: the
 # default host is the Docker host (Docker Desktop names it; on Linux add
 # --add-host=host.docker.internal:host-gateway). PGPASSWORD has no default: a

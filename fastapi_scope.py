@@ -1,47 +1,11 @@
 """Experiment: what happens to objects and counters inside a long-lived web process?
 
-Question
-    ``scope.py`` showed that an object created inside a workflow does not survive
-    a crash. In a FastAPI server the process lives on between requests: which
-    state grows from request to request, which starts again at zero after a
-    restart, and what can still be read from the database afterwards?
+``scope.py`` showed that an object created inside a workflow does not survive a
+crash. In a FastAPI server the process lives on between requests: which state grows
+from request to request, which starts again at zero after a restart, and what can
+still be read from the database afterwards?
 
-Run
-    uvicorn fastapi_scope:app            # or: python fastapi_scope.py (PORT, default 8000)
-    curl -X POST 'localhost:8000/trigger_sync?steps=3&step_seconds=0'
-    curl -X POST 'localhost:8000/trigger_async?steps=3'          # 202, poll the id:
-    curl localhost:8000/workflows/<workflow_id>
-    curl -X POST 'localhost:8000/instance/trigger_sync?steps=3&step_seconds=0'
-    curl localhost:8000/counters
-    (stop the server with Ctrl-C, start it again, repeat the last two calls)
-
-Observe
-    - ``/trigger_sync`` answers 200 with the finished result; ``instance_counter``
-      equals ``steps`` every time (a new ``A`` per run) and ``class_counter`` stays 0
-      (``self.counter += 1`` writes an instance attribute that shadows ``A.counter``).
-    - ``/instance/trigger_sync`` runs a workflow *method* of ``tally``, one
-      ``DBOSConfiguredInstance`` that lives as long as the process: its counter
-      grows by ``steps`` with every request (``counter_before`` -> ``counter_after``).
-    - ``/counters`` grows across requests (triggers, step bodies run, tally counter);
-      after a restart it reads zero again, while ``/workflows/<old id>`` still
-      returns the old result.
-
-What it means
-    - Durable (system database): workflow inputs, step outputs, workflow results.
-      They survive restarts and are what ``/workflows/{id}`` reads.
-    - Per process: module globals, class attributes and configured instances. They
-      are shared by all requests and workflows of this process and lost on restart
-      (and a recovered workflow sees the *new* process's values).
-    - Per workflow run: an object created inside the workflow. Gone when the run
-      ends; a recovered run creates a new one.
-    So a workflow must never depend on process state for correctness: keep what it
-    needs in its inputs and step outputs.
-
-Limits (also in the OpenAPI schema at /docs)
-    ``/trigger_sync`` and ``/instance/trigger_sync`` hold a request (and a worker
-    thread) until the workflow ends: at most 20 steps of at most 0.5 s, so 10 s.
-    ``/trigger_async`` answers at once and runs in the background: at most 50 steps
-    of at most 1 s. Anything outside is a 422 with the reason.
+Run it, what to observe and what it means: docs/fastapi_scope.md.
 """
 
 from __future__ import annotations
@@ -59,15 +23,20 @@ from typing import Annotated, Any
 from dbos import DBOS, DBOSConfiguredInstance, SetWorkflowID
 from fastapi import FastAPI, Query
 
-import common
+from lab.config import config_or_exit, redacted
+from lab.launch import launch_async, serve
+from lab.logs import setup_logging, uvicorn_logging
+from lab.views import workflow_view
 
 APP = "fastapi-scope"
 log = logging.getLogger("fastapi_scope")
 
-# uvicorn logs its first lines before the lifespan runs: set up JSON logging now so
-# that every line of the server is JSON (no DBOS, no database at import).
-common.setup_logging(APP)
+# uvicorn logs its first lines before the lifespan runs: JSON for those too (no DBOS,
+# no database at import; an importer's own logging is left alone).
+uvicorn_logging(APP)
 
+DEFAULT_STEPS = 5
+DEFAULT_STEP_SECONDS = 0.1
 SYNC_MAX_STEPS = 20
 SYNC_MAX_STEP_SECONDS = 0.5
 ASYNC_MAX_STEPS = 50
@@ -161,9 +130,10 @@ tally = Tally("tally")
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    config = common.config_or_exit(APP)
-    await common.launch_async(config)
-    log.info("serving", extra={"database": common.redacted(config["system_database_url"])})
+    setup_logging(APP)
+    config = config_or_exit(APP)
+    await launch_async(config)
+    log.info("serving", extra={"database": redacted(config["system_database_url"])})
     yield
     await asyncio.to_thread(DBOS.destroy)
 
@@ -186,8 +156,8 @@ def _step_seconds(maximum: float) -> Any:
 # `def` endpoints run on a worker thread, where the workflow may block until it ends.
 @app.post("/trigger_sync")
 def trigger_sync(
-    steps: Annotated[int, _steps(SYNC_MAX_STEPS)] = 5,
-    step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = 0.1,
+    steps: Annotated[int, _steps(SYNC_MAX_STEPS)] = DEFAULT_STEPS,
+    step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = DEFAULT_STEP_SECONDS,
 ) -> dict[str, Any]:
     """Run ``A.run`` to completion inside the request (at most 10 s)."""
     _count("triggers")
@@ -204,8 +174,8 @@ def trigger_sync(
 # would leave at its end (the reliability suite's load area measured it).
 @app.post("/trigger_async", status_code=202, response_model=None)
 def trigger_async(
-    steps: Annotated[int, _steps(ASYNC_MAX_STEPS)] = 5,
-    step_seconds: Annotated[float, _step_seconds(ASYNC_MAX_STEP_SECONDS)] = 0.1,
+    steps: Annotated[int, _steps(ASYNC_MAX_STEPS)] = DEFAULT_STEPS,
+    step_seconds: Annotated[float, _step_seconds(ASYNC_MAX_STEP_SECONDS)] = DEFAULT_STEP_SECONDS,
 ) -> dict[str, Any]:
     """Start ``A.run`` in the background; poll ``GET /workflows/{workflow_id}``."""
     _count("triggers")
@@ -215,8 +185,8 @@ def trigger_async(
 
 @app.post("/instance/trigger_sync")
 def instance_trigger_sync(
-    steps: Annotated[int, _steps(SYNC_MAX_STEPS)] = 5,
-    step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = 0.1,
+    steps: Annotated[int, _steps(SYNC_MAX_STEPS)] = DEFAULT_STEPS,
+    step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = DEFAULT_STEP_SECONDS,
 ) -> dict[str, Any]:
     """Run the workflow method of the long-lived ``tally`` to completion (at most 10 s)."""
     _count("triggers")
@@ -242,11 +212,12 @@ def counters() -> dict[str, Any]:
 @app.get("/workflows/{workflow_id}", responses={404: {"description": "no workflow with this id"}})
 async def get_workflow(workflow_id: str) -> dict[str, Any]:
     """Status of any workflow, from the database (also runs from before a restart)."""
-    return await common.workflow_view(workflow_id)
+    return await workflow_view(workflow_id)
 
 
 def main() -> None:
-    common.serve(app)
+    setup_logging(APP)
+    serve(app)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,11 @@
 """Experiment: where do credentials live when durable workflows need them?
 
-Question
-    Workflows call a users API that needs a token. Fetching the token is slow, so the
-    process caches it. Where must that cache live so that (a) the token is fetched once
-    per process, (b) a workflow recovered after a crash still gets a token, and (c) the
-    token never ends up in the DBOS system database or the logs?
+Workflows call a users API that needs a token. Fetching the token is slow, so the
+process caches it. Where must that cache live so that (a) the token is fetched once
+per process, (b) a workflow recovered after a crash still gets a token, and (c) the
+token never ends up in the DBOS system database or the logs?
 
-Run
-    uvicorn fastapi_scope_cache:app       # or: python fastapi_scope_cache.py (PORT, default 8000)
-    curl -X POST localhost:8000/trigger_async                  # 202 {"workflow_id", "status"}
-    curl localhost:8000/workflows/<workflow_id>                # "users_described": 15
-    curl localhost:8000/cache                                  # {"fetches": 1, "hits": 20, ...}
-    curl -X POST localhost:8000/trigger_async; curl localhost:8000/cache   # fetches still 1
-    (restart the server: the first run fetches again)
-
-    ``get_users`` walks 5 pages of 3 users: each page is a child workflow
-    ``get_users_page``, each user a step ``describe_user``. Query parameters:
-    ``pages`` (1..10), ``users_per_page`` (1..10), ``step_seconds`` (0..0.5, a sleep in
-    each step so a run can be interrupted): at most 100 steps and 50 s in the background.
-    The token comes from ``CREDENTIALS_SECRET`` (a random value per process when unset);
-    the demo provider takes 0.5 s, like a call to a secrets manager.
-
-Observe
-    - ``/cache``: ``fetches`` is 1 however many runs a process serves; each use of the
-      token after the first is a hit (1 + pages + pages*users_per_page per run). After a
-      restart it starts from zero, and the first run fetches again.
-    - Logs show only ``credentials_fingerprint`` (8 hex digits of a SHA-256), never the
-      token; the system database holds no trace of it.
-    - Kill the server (SIGKILL) while ``step_seconds`` keeps a run going and start it
-      again: DBOS resumes ``get_users`` and only the users not yet described are
-      described; the resumed code fetches the token again on first use.
-
-Why the cache lives outside workflow state
-    Everything a workflow or step takes as an argument or returns is written to the
-    system database (pickled, readable by anyone with access to it, kept after the run)
-    and replayed on recovery instead of recomputed. A token passed that way would be
-    stored in clear and, after a crash, replayed even if it had expired or been rotated.
-    So the token is never an argument or a return value: code that needs it calls
-    ``get_credentials()``, which reads a module-level cache in process memory and fills
-    it from the provider on first use, in whichever process runs the code (the original
-    one, or the one that recovers the workflow).
-
-Lifespan
-    Clears the cache before DBOS launches and again after DBOS is destroyed, and does
-    not warm it: the lazy path is the one recovery depends on (a workflow resumed at
-    launch fetches on first use), a provider outage does not stop the server from
-    starting, and no secret stays in memory once workflows have stopped.
+Run it, what to observe and what it means: docs/fastapi_scope_cache.md.
 """
 
 from __future__ import annotations
@@ -64,21 +24,29 @@ from typing import Annotated, Any
 from dbos import DBOS
 from fastapi import FastAPI, Query
 
-import common
+from lab.config import config_or_exit, redacted
+from lab.launch import launch_async, serve
+from lab.logs import setup_logging, uvicorn_logging
+from lab.views import workflow_view
 
 APP = "fastapi-scope-cache"
 log = logging.getLogger("fastapi_scope_cache")
 
-# uvicorn logs its first lines before the lifespan runs: set up JSON logging now so
-# that every line of the server is JSON (no DBOS, no database at import).
-common.setup_logging(APP)
+# uvicorn logs its first lines before the lifespan runs: JSON for those too (no DBOS,
+# no database at import; an importer's own logging is left alone).
+uvicorn_logging(APP)
 
 PROVIDER_SECONDS = 0.5
-MAX_PAGES = 10
-MAX_USERS_PER_PAGE = 10
-MAX_STEP_SECONDS = 0.5
+DEFAULT_PAGES, MAX_PAGES = 5, 10
+DEFAULT_USERS_PER_PAGE, MAX_USERS_PER_PAGE = 3, 10
+DEFAULT_STEP_SECONDS, MAX_STEP_SECONDS = 0.0, 0.5
 
 # --- credentials: process memory only ------------------------------------------
+
+# Workflow and step arguments and return values are written to the system database
+# and replayed on recovery: a token passed that way would be stored in clear and
+# replayed after it expired. So code that needs the token calls get_credentials(),
+# which fills this cache on first use in whichever process runs the code.
 
 credentials_cache: dict[str, str] = {}
 cache_stats = {"fetches": 0, "hits": 0}
@@ -166,10 +134,13 @@ def describe_user(page: int, user: str, step_seconds: float) -> dict[str, Any]:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Not warmed: the lazy path is the one recovery depends on, and a provider outage
+    # does not stop the server from starting.
     clear_cache()  # before launch: recovered workflows fetch on first use
-    config = common.config_or_exit(APP)
-    await common.launch_async(config)
-    log.info("serving", extra={"database": common.redacted(config["system_database_url"])})
+    setup_logging(APP)
+    config = config_or_exit(APP)
+    await launch_async(config)
+    log.info("serving", extra={"database": redacted(config["system_database_url"])})
     yield
     await asyncio.to_thread(DBOS.destroy)
     clear_cache()  # no secret in memory once no workflow can use it
@@ -190,7 +161,7 @@ app = FastAPI(
 def trigger_async(
     pages: Annotated[
         int, Query(ge=1, le=MAX_PAGES, description=f"pages to walk, 1..{MAX_PAGES}")
-    ] = 5,
+    ] = DEFAULT_PAGES,
     users_per_page: Annotated[
         int,
         Query(
@@ -198,7 +169,7 @@ def trigger_async(
             le=MAX_USERS_PER_PAGE,
             description=f"users on each page, 1..{MAX_USERS_PER_PAGE}",
         ),
-    ] = 3,
+    ] = DEFAULT_USERS_PER_PAGE,
     step_seconds: Annotated[
         float,
         Query(
@@ -206,7 +177,7 @@ def trigger_async(
             le=MAX_STEP_SECONDS,
             description=f"sleep in each describe_user step, 0..{MAX_STEP_SECONDS} s",
         ),
-    ] = 0.0,
+    ] = DEFAULT_STEP_SECONDS,
 ) -> dict[str, Any]:
     """Start ``get_users``; poll ``GET /workflows/{workflow_id}`` for its result."""
     handle = DBOS.start_workflow(get_users, pages, users_per_page, step_seconds)
@@ -223,11 +194,12 @@ def cache() -> dict[str, Any]:
 @app.get("/workflows/{workflow_id}", responses={404: {"description": "no workflow with this id"}})
 async def get_workflow(workflow_id: str) -> dict[str, Any]:
     """Status of any workflow, from the database (also runs from before a restart)."""
-    return await common.workflow_view(workflow_id)
+    return await workflow_view(workflow_id)
 
 
 def main() -> None:
-    common.serve(app)
+    setup_logging(APP)
+    serve(app)
 
 
 if __name__ == "__main__":

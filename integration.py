@@ -1,91 +1,13 @@
 """Experiment: list a whole S3 bucket page by page and record every object exactly once.
 
-Question
-    An external, paginated service (S3's ListObjectsV2) is read page by page;
-    each page is handed to a child workflow on ``integration_queue`` (at most 10
-    page workflows at once, at most 50 started per 10 s), which records the
-    page's objects (key, size, etag) in an application table through a DBOS
-    datasource transaction. Does every object end up recorded exactly once, also
-    when the process dies in the middle? Do the queue's limits hold? And where
-    can the S3 client live: on a class with static methods, or on a
-    ``DBOSConfiguredInstance``?
+An external, paginated service (S3's ListObjectsV2) is read page by page; each page
+is handed to a child workflow on ``integration_queue`` (a concurrency and a rate
+limit), which records the page's objects in an application table through a DBOS
+datasource transaction. Does every object end up recorded exactly once, also when
+the process dies in the middle? Do the queue's limits hold? And where can the S3
+client live: on a class with static methods, or on a ``DBOSConfiguredInstance``?
 
-Run
-    python integration.py --objects 60 --page-size 10     # local S3 server, demo bucket
-    python integration.py --objects 60 --page-size 10 --crash-after-pages 2  # dies (exit 3)
-    python integration.py --objects 60 --page-size 10     # resumes that run
-    python integration.py --client-holder static          # the failing pattern (exit 1)
-    AWS_ENDPOINT_URL=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=... \\
-        AWS_SECRET_ACCESS_KEY=... python integration.py --bucket my-bucket   # your S3
-
-    Without ``AWS_ENDPOINT_URL`` the script starts moto's S3 server on a free
-    loopback port and seeds the bucket with ``--objects`` objects (it logs
-    "started a local S3 server"); the content is deterministic, so a resumed
-    run (same flags) lists the same objects from its new server. With
-    ``AWS_ENDPOINT_URL`` it lists your bucket, using the
-    standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_DEFAULT_REGION``). Credentials are read by boto3 from the environment
-    and never logged, passed to a workflow or stored in the database.
-
-Observe (last stdout line, ``"message": "summary"``)
-    pages, objects (listed), recorded (rows of this run in the table, equal to
-    objects), inserted (rows the page transactions reported inserting, equal
-    again: no transaction ran twice), max_started_per_window (most page workflows
-    started within any ``--rate-period`` window, at most ``--rate-limit``) and
-    max_concurrent (most page workflows running at once, at most
-    ``--concurrency``), both computed from the page workflows'
-    ``started_at_epoch_ms`` / ``completed_at`` in ``dbos.workflow_status``
-    (``max_concurrent`` is null on SQLite under Python < 3.12, where DBOS
-    stamps whole seconds). A missing bucket or an unreachable endpoint ends
-    with one error line and exit code 2 before anything is started.
-
-What it means
-    - Listing: ``list_objects_v2``'s paginator, one page per step
-      (``PaginationConfig`` ``PageSize = MaxItems = --page-size``, resumed with
-      ``StartAfter`` = the last key of the previous page). A step's output is
-      checkpointed, so a resumed run replays the pages it already listed and
-      asks S3 only for the rest. Iterating the paginator in the workflow body
-      would not be durable, and S3's continuation tokens are opaque server
-      state (moto keeps them in memory), so they are not kept in workflow state.
-    - Pages are child workflows because a datasource transaction is
-      exactly-once only when called from a workflow: it is then a step of its
-      own, whose checkpoint row (``datasource_outputs``) commits in the same
-      database transaction as the page's rows. Called inside a step it runs as a
-      plain, uncheckpointed transaction (a retried or recovered step would run
-      it again), so the transaction cannot live in the listing step. As workflows
-      the pages can also be fanned out on a queue that carries the limits.
-    - Exactly once: the page's rows and the checkpoint commit together or not
-      at all (no half-recorded page). If the process dies after that commit but
-      before DBOS recorded the step in ``operation_outputs``, the recovered page
-      workflow finds the checkpoint and returns the recorded result without
-      running the transaction again (``--crash-after-pages`` kills the process at
-      exactly that point). The table's primary key (run, key) with
-      ``ON CONFLICT DO NOTHING`` is the second line of defence: a transaction
-      that ran twice would insert nothing and report 0, so ``inserted`` would
-      fall short of ``recorded``. DBOS deletes a page workflow's
-      ``datasource_outputs`` rows once the workflow completes (its
-      ``operation_outputs`` then cover them).
-    - Holding the client: a ``DBOSConfiguredInstance`` works. DBOS does not
-      serialize ``self``: it records the class and the instance's
-      ``config_name`` with each workflow and, on recovery or when a queue
-      dispatches a page workflow, looks the instance up by that name in the
-      registry, so it must be created before ``DBOS.launch()``. Static methods
-      fail as soon as the client is an argument of a workflow: workflow
-      arguments are pickled into the system database before the body runs, and
-      a boto3 client cannot be pickled (``_pickle.PicklingError: Can't pickle
-      <class 'botocore.client.S3'>: attribute lookup S3 on botocore.client
-      failed``; nothing is started). A step may take the client as an argument
-      (step arguments are not stored), but a page workflow on a queue may not;
-      with static methods the client would have to be a module or class
-      global, which is what a configured instance makes explicit and named.
-    - The application table lives in the system database (one URL to
-      configure, one backup): on Postgres in its own schema ``integration``
-      (``integration.s3_objects``, next to the datasource's
-      ``integration.datasource_outputs``), on SQLite in the same file
-      (``integration_s3_objects``). Postgres is reached through psycopg2 with
-      READ COMMITTED (DBOS's datasource retry only recognizes psycopg 3
-      serialization failures, and an insert with ``ON CONFLICT DO NOTHING``
-      needs no stronger isolation); SQLite serializes writers anyway.
+Run it, what to observe and what it means: docs/integration.md.
 """
 
 from __future__ import annotations
@@ -96,13 +18,15 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Literal, cast
 
 import sqlalchemy as sa
-from dbos import DBOS, DBOSConfiguredInstance, SQLAlchemyDatasource
+from dbos import DBOS, DBOSConfiguredInstance, SQLAlchemyDatasource, WorkflowHandle
 from sqlalchemy.orm import sessionmaker
 
-import common
+from lab.config import CONNECT_TIMEOUT_SEC, ConfigError, database_kind, dbos_config, redacted
+from lab.launch import check_reachable, launch, pending_before_launch
+from lab.logs import fail, setup_logging
 
 log = logging.getLogger("integration")
 
@@ -110,6 +34,11 @@ QUEUE = "integration_queue"
 INSTANCE_NAME = "s3-inventory"
 SCHEMA = "integration"  # Postgres schema of this experiment's tables
 DEFAULT_BUCKET = "experiment6-demo"
+DEFAULT_OBJECTS = 300
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 25, 1000  # S3 lists at most 1000 keys a page
+DEFAULT_CONCURRENCY = 10  # page workflows running at once
+DEFAULT_RATE_LIMIT, DEFAULT_RATE_PERIOD = 50, 10.0  # started per period (s)
+QUEUE_POLLING_SEC = 0.2
 LOCAL_CREDENTIALS = "experiment6-local"  # moto accepts anything; not a secret
 
 # Process-level facts (never workflow inputs): a resumed run must not crash again.
@@ -147,13 +76,16 @@ class S3Inventory(DBOSConfiguredInstance):
         self.ds = ds
         self.table = table
         # SQLite knows no READ COMMITTED; it serializes writers anyway.
-        self.isolation = "READ COMMITTED" if kind == "postgres" else "SERIALIZABLE"
+        self.isolation: Literal["READ COMMITTED", "SERIALIZABLE"] = (
+            "READ COMMITTED" if kind == "postgres" else "SERIALIZABLE"
+        )
         super().__init__(config_name=INSTANCE_NAME)
 
     @DBOS.workflow()
     def inventory(self, bucket: str, page_size: int) -> dict[str, int]:
         run_id = DBOS.workflow_id
-        handles = []
+        assert run_id is not None  # inside a workflow
+        handles: list[WorkflowHandle[dict[str, int]]] = []
         start_after = ""
         while True:
             page = self.list_page(bucket, page_size, start_after)
@@ -167,7 +99,7 @@ class S3Inventory(DBOSConfiguredInstance):
             if not page["more"]:
                 break
             start_after = page["objects"][-1][0]
-        results = [h.get_result(polling_interval_sec=0.2) for h in handles]
+        results = [h.get_result(polling_interval_sec=QUEUE_POLLING_SEC) for h in handles]
         return {
             "pages": len(handles),
             "objects": sum(r["objects"] for r in results),
@@ -193,8 +125,9 @@ class S3Inventory(DBOSConfiguredInstance):
         self, run_id: str, bucket: str, page: int, objects: list[list[Any]]
     ) -> dict[str, int]:
         page_workflow_id = DBOS.workflow_id
+        assert page_workflow_id is not None  # inside a workflow
         inserted = self.ds.run_tx_step(
-            {"name": "record_rows", "isolation_level": self.isolation},  # type: ignore[typeddict-item]
+            {"name": "record_rows", "isolation_level": self.isolation},
             self._insert_rows,
             run_id,
             bucket,
@@ -234,7 +167,8 @@ class S3Inventory(DBOSConfiguredInstance):
             .values(rows)
             .on_conflict_do_nothing(index_elements=["run_id", "key"])
         )
-        return self.ds.sql_session().execute(stmt).rowcount
+        result = cast("sa.CursorResult[Any]", self.ds.sql_session().execute(stmt))
+        return result.rowcount
 
 
 @DBOS.dbos_class()
@@ -307,19 +241,19 @@ def check_bucket(s3: Any, bucket: str, endpoint: str) -> None:
     try:
         s3.head_bucket(Bucket=bucket)
     except NoCredentialsError:
-        common.fail(
+        fail(
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or unset AWS_ENDPOINT_URL to use a local S3 server)"
         )
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):
-            common.fail(f"bucket '{bucket}' does not exist at {endpoint}")
+            fail(f"bucket '{bucket}' does not exist at {endpoint}")
         if code in ("403", "AccessDenied", "Forbidden"):
-            common.fail(f"access to bucket '{bucket}' at {endpoint} is denied (check credentials)")
-        common.fail(f"S3 at {endpoint} refused HEAD bucket '{bucket}': {code}")
+            fail(f"access to bucket '{bucket}' at {endpoint} is denied (check credentials)")
+        fail(f"S3 at {endpoint} refused HEAD bucket '{bucket}': {code}")
     except BotoCoreError as exc:
-        common.fail(f"cannot reach the S3 endpoint {endpoint}: {exc}")
+        fail(f"cannot reach the S3 endpoint {endpoint}: {exc}")
 
 
 # --- the database -------------------------------------------------------------
@@ -327,24 +261,24 @@ def check_bucket(s3: Any, bucket: str, endpoint: str) -> None:
 
 def ensure_database(url: str) -> None:
     """The datasource needs the database before DBOS.launch() would create it."""
-    if common.database_kind(url) != "postgres":
+    if database_kind(url) != "postgres":
         return
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url).set(drivername="postgresql+psycopg2")
-    engine = sa.create_engine(parsed, connect_args={"connect_timeout": 5})
+    engine = sa.create_engine(parsed, connect_args={"connect_timeout": CONNECT_TIMEOUT_SEC})
     try:
         with engine.connect():
             return
     except sa.exc.OperationalError as exc:
         if "does not exist" not in str(exc):
-            common.fail(f"cannot reach the database {common.redacted(url)}: {exc.orig}")
+            fail(f"cannot reach the database {redacted(url)}: {exc.orig}")
     finally:
         engine.dispose()
     admin = sa.create_engine(
         parsed.set(database="postgres"),
         isolation_level="AUTOCOMMIT",
-        connect_args={"connect_timeout": 5},
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SEC},
     )
     try:
         with admin.connect() as conn:
@@ -355,7 +289,7 @@ def ensure_database(url: str) -> None:
 
 def create_datasource(url: str, app: str) -> tuple[SQLAlchemyDatasource, sa.Table, str]:
     """The datasource (before launch, as DBOS requires) and the application table."""
-    kind = common.database_kind(url)
+    kind = database_kind(url)
     maker = sessionmaker(expire_on_commit=False)
     sa.event.listen(maker, "after_commit", _after_page_commit)
     if kind == "postgres":
@@ -364,7 +298,7 @@ def create_datasource(url: str, app: str) -> tuple[SQLAlchemyDatasource, sa.Tabl
         engine = sa.create_engine(
             make_url(url).set(drivername="postgresql+psycopg2"),
             pool_size=12,
-            connect_args={"connect_timeout": 5, "application_name": app},
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_SEC, "application_name": app},
         )
         with engine.begin() as conn:
             conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
@@ -442,17 +376,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bucket", default=DEFAULT_BUCKET, help=f"default {DEFAULT_BUCKET}")
     parser.add_argument(
-        "--objects", type=int, default=300, help="objects to seed the local bucket with (300)"
-    )
-    parser.add_argument("--page-size", type=int, default=25, help="objects per page (25)")
-    parser.add_argument(
-        "--concurrency", type=int, default=10, help="page workflows running at once (10)"
-    )
-    parser.add_argument(
-        "--rate-limit", type=int, default=50, help="page workflows started per period (50)"
+        "--objects",
+        type=int,
+        default=DEFAULT_OBJECTS,
+        help=f"objects to seed the local bucket with ({DEFAULT_OBJECTS})",
     )
     parser.add_argument(
-        "--rate-period", type=float, default=10.0, help="rate-limit period in seconds (10)"
+        "--page-size",
+        type=int,
+        default=DEFAULT_PAGE_SIZE,
+        help=f"objects per page ({DEFAULT_PAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"page workflows running at once ({DEFAULT_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=DEFAULT_RATE_LIMIT,
+        help=f"page workflows started per period ({DEFAULT_RATE_LIMIT})",
+    )
+    parser.add_argument(
+        "--rate-period",
+        type=float,
+        default=DEFAULT_RATE_PERIOD,
+        help=f"rate-limit period in seconds ({DEFAULT_RATE_PERIOD:g})",
     )
     parser.add_argument(
         "--page-seconds",
@@ -476,8 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.objects < 0:
         parser.error("--objects must not be negative")
-    if not 1 <= args.page_size <= 1000:
-        parser.error("--page-size must be between 1 and 1000 (S3's maximum)")
+    if not 1 <= args.page_size <= MAX_PAGE_SIZE:
+        parser.error(f"--page-size must be between 1 and {MAX_PAGE_SIZE} (S3's maximum)")
     if args.concurrency < 1 or args.rate_limit < 1:
         parser.error("--concurrency and --rate-limit must be at least 1")
     if args.rate_period <= 0 or args.page_seconds < 0:
@@ -490,14 +441,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     global crash_after_pages, page_seconds
     args = parse_args(argv)
-    common.setup_logging("integration")
+    setup_logging("integration")
     # No line per S3 request (moto's werkzeug) or per credential lookup (botocore).
     for name in ("werkzeug", "botocore", "boto3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        config = common.dbos_config("integration")
-    except common.ConfigError as exc:
-        common.fail(str(exc))
+        config = dbos_config("integration")
+    except ConfigError as exc:
+        fail(str(exc))
     crash_after_pages = args.crash_after_pages
     page_seconds = args.page_seconds
 
@@ -509,9 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             seed_demo_bucket(s3, args.bucket, args.objects)
         except Exception as exc:  # noqa: BLE001 - e.g. an invalid bucket name
-            common.fail(
-                f"cannot seed the demo bucket '{args.bucket}' on the local S3 server: {exc}"
-            )
+            fail(f"cannot seed the demo bucket '{args.bucket}' on the local S3 server: {exc}")
         log.info(
             "started a local S3 server (moto) and seeded a demo bucket",
             extra={"endpoint": endpoint, "bucket": args.bucket, "objects": args.objects},
@@ -521,27 +470,28 @@ def main(argv: list[str] | None = None) -> None:
     check_bucket(s3, args.bucket, endpoint)
 
     url = config["system_database_url"]
-    common.check_reachable(url)
+    check_reachable(url)
     ensure_database(url)
     ds, table, kind = create_datasource(url, config["name"])
     inventory = S3Inventory(s3, ds, table, kind)
-    pending = common.pending_before_launch(config, S3Inventory.inventory)
-    common.launch(config)
+    pending = pending_before_launch(config, S3Inventory.inventory)
+    launch(config)
     DBOS.register_queue(
         QUEUE,
         global_concurrency=args.concurrency,
         limiter={"limit": args.rate_limit, "period": args.rate_period},
-        polling_interval_sec=0.2,
+        polling_interval_sec=QUEUE_POLLING_SEC,
     )
 
     if args.client_holder == "static":
         try:
             DBOS.start_workflow(StaticInventory.inventory, s3, args.bucket, args.page_size)
         except Exception as exc:  # noqa: BLE001 - the finding is this exception
-            common.fail(f"static-method pattern cannot start: {type(exc).__name__}: {exc}", code=1)
-        common.fail("static-method pattern unexpectedly started", code=1)
+            fail(f"static-method pattern cannot start: {type(exc).__name__}: {exc}", code=1)
+        fail("static-method pattern unexpectedly started", code=1)
 
-    handle, recovered = None, False
+    handle: WorkflowHandle[dict[str, int]] | None = None
+    recovered = False
     if pending:
         mine = DBOS.list_workflows(
             workflow_ids=pending, app_version=DBOS.application_version, load_output=False
@@ -554,9 +504,9 @@ def main(argv: list[str] | None = None) -> None:
         handle = DBOS.start_workflow(inventory.inventory, args.bucket, args.page_size)
     run_id = handle.get_workflow_id()
     try:
-        result = handle.get_result(polling_interval_sec=0.2)
+        result = handle.get_result(polling_interval_sec=QUEUE_POLLING_SEC)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-        common.fail(f"inventory {run_id} failed: {type(exc).__name__}: {exc}", code=1)
+        fail(f"inventory {run_id} failed: {type(exc).__name__}: {exc}", code=1)
 
     times = page_workflow_times(ds.engine, kind, run_id)
     starts = [s for s, _ in times if s is not None]

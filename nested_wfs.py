@@ -1,62 +1,12 @@
 """Experiment: how do child workflows form a tree, called directly or through a queue?
 
-Question
-    ``wf_root`` calls ``wf``, which calls ``wf_child``, which calls the step
-    ``wf_step``. Each workflow logs its own ``workflow_id`` and the
-    ``parent_workflow_id`` DBOS recorded for it, calls its child, then sleeps
-    durably (``DBOS.sleep``). A ``queued`` flag chooses, at every level, between
-    calling the child directly and enqueuing it on ``nested_queue`` and waiting
-    for its handle. (The original tested ``if queue:`` instead of ``if queued:``
-    at the middle level, so that level always enqueued, even in the "direct"
-    tree; here every level tests ``queued``.) What ids do the children get,
-    what do ``parent_workflow_id`` and ``queue_name`` show, and what does
-    recovery do to a tree that crashed half-way?
+``wf_root`` calls ``wf``, which calls ``wf_child``, which calls the step ``wf_step``;
+a ``queued`` flag chooses, at every level, between calling the child directly and
+enqueuing it on ``nested_queue``. What ids do the children get, what do
+``parent_workflow_id`` and ``queue_name`` show, and what does recovery do to a tree
+that crashed half-way?
 
-Run
-    python nested_wfs.py --sleep-seconds 0       # the direct tree, then the queued tree
-    python nested_wfs.py --crash-in wf           # dies (exit 3) during wf's sleep
-    python nested_wfs.py                         # resumes that run, then runs the queued tree
-    python nested_wfs.py --crash-in child --crash-tree queued   # a crash in the queued tree
-
-Observe
-    Log lines "workflow running" (per execution, replays included), "step ran"
-    (per step body actually executed), "slept". The last line, ``"message":
-    "summary"``, holds both trees: for each workflow its level, name, id, parent
-    id, whether it was queued, its ``queue_name`` and its children; and
-    ``steps_run_here``, the step bodies this process executed per tree.
-
-What it means
-    - Child ids: a workflow started from inside another one gets the id
-      ``<parent id>-<n>``, where ``n`` is the parent's operation counter at the
-      call (its ``function_id`` in ``dbos.operation_outputs``). Here each
-      workflow first reads its own status (``DBOS.getStatus``, operation 1),
-      so the children are ``<run>-direct-2`` and ``<run>-direct-2-2``. The id
-      depends on what the parent did before the call, which is why it is the
-      same on every replay: that is how a resumed parent finds its child again.
-      The parent records the call as an operation whose ``child_workflow_id``
-      is the child (``wf_child`` at 2), and the wait for the result as
-      ``DBOS.getResult`` (3).
-    - ``parent_workflow_id`` is the id of the workflow that started the child,
-      for direct calls and enqueued children alike; roots have none.
-    - Queued children have ``queue_name = nested_queue`` and are run by the
-      queue's worker (on its poll, with its limits), not in the parent's thread;
-      the parent only waits on the handle. An enqueued *step* becomes a workflow
-      of its own named ``<temp>.wf_step`` (a child with its own row); called
-      directly a step has no row, only an ``operation_outputs`` entry of its
-      workflow.
-    - Recovery: at launch DBOS recovers every PENDING workflow of this executor
-      and application version, not just the root: each is put back on a queue
-      (directly started ones on ``_dbos_internal_queue``, which their
-      ``queue_name`` shows from then on; queued ones on their own queue) and
-      re-executed from the top, replaying recorded operations. A re-executed
-      parent finds the child id it recorded and waits for that child instead of
-      starting another; a child that had already finished is not run again (its
-      ``recovery_attempts`` stays 1) and its result is returned from the
-      database. ``DBOS.sleep`` records its wake-up time before waiting, so a
-      sleep interrupted by the crash only waits for what is left, and finished
-      sleeps are not repeated (one ``DBOS.sleep`` row per workflow).
-    - The crash flag is a property of the process, never a workflow input, so
-      the resumed run does not crash again.
+Run it, what to observe and what it means: docs/nested_wfs.md.
 """
 
 from __future__ import annotations
@@ -69,9 +19,11 @@ import time
 import uuid
 from typing import Any
 
-from dbos import DBOS, SetWorkflowID
+from dbos import DBOS, SetWorkflowID, WorkflowHandle
 
-import common
+from lab.config import ConfigError, dbos_config
+from lab.launch import check_reachable, launch, pending_before_launch
+from lab.logs import fail, setup_logging
 
 log = logging.getLogger("nested_wfs")
 
@@ -79,6 +31,7 @@ QUEUE = "nested_queue"
 POLL = 0.1  # seconds between checks for a queue's result or new work
 LEVELS = ("root", "wf", "child")
 TREES = ("direct", "queued")
+DEFAULT_SLEEP_SECONDS = 1.0
 
 # Process-level facts (never workflow inputs): a resumed run must not crash again.
 crash_in: str | None = None
@@ -199,6 +152,7 @@ def wf_root(queued: bool, sleep_seconds: float) -> dict[str, Any]:
 def _run_tree(workflow_id: str, queued: bool, sleep_seconds: float) -> dict[str, Any]:
     """Start a root (directly, or on the queue in the background) and wait for its
     tree; a root that exists already (finished, or being recovered) is only awaited."""
+    handle: WorkflowHandle[dict[str, Any]]
     if DBOS.get_workflow_status(workflow_id) is not None:
         handle = DBOS.retrieve_workflow(workflow_id)
     else:
@@ -215,8 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sleep-seconds",
         type=float,
-        default=1.0,
-        help="durable sleep in each workflow (default 1)",
+        default=DEFAULT_SLEEP_SECONDS,
+        help=f"durable sleep in each workflow (default {DEFAULT_SLEEP_SECONDS:g})",
     )
     parser.add_argument(
         "--crash-in",
@@ -241,15 +195,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     global crash_in, crash_tree
     args = parse_args(argv)
-    common.setup_logging("nested")
+    setup_logging("nested")
     try:
-        config = common.dbos_config("nested")
-    except common.ConfigError as exc:
-        common.fail(str(exc))
+        config = dbos_config("nested")
+    except ConfigError as exc:
+        fail(str(exc))
     crash_in, crash_tree = args.crash_in, args.crash_tree
-    common.check_reachable(config["system_database_url"])
-    pending = common.pending_before_launch(config, wf_root)
-    common.launch(config)
+    check_reachable(config["system_database_url"])
+    pending = pending_before_launch(config, wf_root)
+    launch(config)
     DBOS.register_queue(QUEUE, polling_interval_sec=POLL)
     # A run is two roots with ids derived from one run id, so a resumed run
     # finds both: the interrupted one (recovered) and the other (done or not yet started).

@@ -1,32 +1,11 @@
 """Experiment: what happens to object state inside a DBOS class-based workflow?
 
-Question
-    A ``@DBOS.dbos_class()`` class ``A`` has a class attribute ``counter = 0``.
-    The workflow creates an instance of ``A`` (its id taken from the current
-    time) and calls the instance's step ``steps`` times; each step does
-    ``self.counter += 1``. What does the counter read at the end, and what is
-    left of it when the process crashes and DBOS resumes the workflow?
+A ``@DBOS.dbos_class()`` class ``A`` has a class attribute ``counter = 0``. The
+workflow creates an instance of ``A`` and calls the instance's step ``steps`` times;
+each step does ``self.counter += 1``. What does the counter read at the end, and
+what is left of it when the process crashes and DBOS resumes the workflow?
 
-Run
-    python scope.py --steps 5 --step-seconds 0            # a clean run
-    python scope.py --steps 5 --step-seconds 0 --crash-after 2   # dies (exit 3)
-    python scope.py                                       # resumes that workflow
-
-Observe (last stdout line, ``"message": "summary"``)
-    clean run:        executed_here=5, instance_counter=5, class_counter=0
-    crash + resume:   same workflow_id, recovered=true, executed_here=3,
-                      instance_counter=3
-
-What it means
-    - Step *outputs* are durable; object state is not. On recovery DBOS re-runs
-      the workflow function from the top: a *new* instance is created (with a
-      new time-based id), the two completed steps are replayed from their
-      recorded outputs without running their bodies, and only steps 3..5 run.
-      So the new instance counts 3, not 5.
-    - ``self.counter += 1`` reads the class attribute once and then writes an
-      *instance* attribute that shadows it: ``A.counter`` stays 0.
-    - Keep anything a workflow must remember in step return values (or
-      workflow inputs), never in ``self``.
+Run it, what to observe and what it means: docs/scope.md.
 """
 
 from __future__ import annotations
@@ -36,7 +15,10 @@ import time
 
 from dbos import DBOS
 
-import common
+from lab.cli import scope_args
+from lab.launch import launch_and_resume
+from lab.logs import setup_logging
+from lab.signals import crash
 
 log = logging.getLogger("scope")
 
@@ -79,18 +61,18 @@ class A:
             a.step(number, step_seconds)
             if crash_after == number:
                 # Step `number` is checkpointed; nothing after it runs.
-                common.crash(after_step=number)
+                crash(after_step=number)
         return {"steps": steps, "instance_counter": a.counter, "instance_id": a.instance_id}
 
 
 def main(argv: list[str] | None = None) -> None:
     global crash_after
-    args = common.scope_args(__doc__.splitlines()[0], argv)
-    common.setup_logging("scope")
+    args = scope_args(__doc__.splitlines()[0], argv)
+    setup_logging("scope")
     # The crash is a property of this process, not a workflow input: the resumed
     # run must not crash again.
     crash_after = args.crash_after
-    handle, recovered = common.launch_and_resume("scope", A.run, args.steps, args.step_seconds)
+    handle, recovered = launch_and_resume("scope", A.run, args.steps, args.step_seconds)
     result = handle.get_result()
     DBOS.destroy()
     log.info(

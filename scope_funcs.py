@@ -1,27 +1,11 @@
 """Experiment: what happens to a module-level global inside a DBOS workflow?
 
-Question
-    ``scope.py`` with plain functions: a module-level ``counter = 0``, a step
-    function that does ``global counter; counter += 1``, and a workflow that
-    calls it ``steps`` times. What does the global read at the end, and what is
-    left of it when the process crashes and DBOS resumes the workflow?
+``scope.py`` with plain functions: a module-level ``counter = 0``, a step function
+that does ``global counter; counter += 1``, and a workflow that calls it ``steps``
+times. What does the global read at the end, and what is left of it when the
+process crashes and DBOS resumes the workflow?
 
-Run
-    python scope_funcs.py --steps 5 --step-seconds 0                # a clean run
-    python scope_funcs.py --steps 5 --step-seconds 0 --crash-after 2  # dies (exit 3)
-    python scope_funcs.py                                           # resumes it
-
-Observe (last stdout line, ``"message": "summary"``)
-    clean run:        executed_here=5, module_counter=5
-    crash + resume:   same workflow_id, recovered=true, executed_here=3,
-                      module_counter=3
-
-What it means
-    A global lives in the process, not in the workflow. The new process starts
-    at 0, DBOS replays steps 1 and 2 from their recorded outputs without running
-    their bodies, and only steps 3..5 increment the global. Unlike the class
-    version there is no shadowing here (``global`` writes the module attribute),
-    but the lesson is the same: only step outputs are durable.
+Run it, what to observe and what it means: docs/scope_funcs.md.
 """
 
 from __future__ import annotations
@@ -31,7 +15,10 @@ import time
 
 from dbos import DBOS
 
-import common
+from lab.cli import scope_args
+from lab.launch import launch_and_resume
+from lab.logs import setup_logging
+from lab.signals import crash
 
 log = logging.getLogger("scope_funcs")
 
@@ -57,17 +44,17 @@ def count_workflow(steps: int, step_seconds: float) -> dict[str, object]:
         count_step(number, step_seconds)
         if crash_after == number:
             # Step `number` is checkpointed; nothing after it runs.
-            common.crash(after_step=number)
+            crash(after_step=number)
     return {"steps": steps, "module_counter": counter}
 
 
 def main(argv: list[str] | None = None) -> None:
     global crash_after
-    args = common.scope_args(__doc__.splitlines()[0], argv)
-    common.setup_logging("scope-funcs")
+    args = scope_args(__doc__.splitlines()[0], argv)
+    setup_logging("scope-funcs")
     # A property of this process, not a workflow input: the resumed run must not crash again.
     crash_after = args.crash_after
-    handle, recovered = common.launch_and_resume(
+    handle, recovered = launch_and_resume(
         "scope-funcs", count_workflow, args.steps, args.step_seconds
     )
     result = handle.get_result()

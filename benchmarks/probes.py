@@ -124,10 +124,10 @@ def launch_bare(app: str) -> None:
 
 def launch_repo(app_suffix: str) -> None:
     """DBOS through the repo's helpers: JSON logs for every logger, shared config."""
-    import common
+    from lab import config, launch, logs
 
-    common.setup_logging(app_suffix)
-    common.launch(common.dbos_config(app_suffix))
+    logs.setup_logging(app_suffix)
+    launch.launch(config.dbos_config(app_suffix))
 
 
 def _timed(fn: Callable[[], Any]) -> float:

@@ -17,7 +17,7 @@ What it measures
               each step body logs a ``"step"`` line and sleeps. It gets SIGKILL after the
               ``k``-th step line plus a random fraction of a step; then scope.py runs
               again (same flags, same database) and resumes the interrupted workflow
-              (``common.launch_and_resume``; the flags only matter for a fresh run). The
+              (``lab.launch.launch_and_resume``; the flags only matter for a fresh run). The
               two runs' step lines say which bodies ran where; ``operation_outputs`` at
               the kill says which steps were recorded.
 

@@ -196,11 +196,11 @@ def control(ctx: Context) -> bool:
     program = (
         "import sys\n"
         "from dbos import DBOS\n"
-        "import common\n"
+        "from lab.config import dbos_config\n"
         "@DBOS.workflow()\n"
         "def leaky(secret: str) -> int:\n"
         "    return len(secret)\n"
-        "DBOS(config=common.dbos_config('secrets-control'))\n"
+        "DBOS(config=dbos_config('secrets-control'))\n"
         "DBOS.launch()\n"
         "leaky(sys.stdin.read())\n"
         "DBOS.destroy()\n"

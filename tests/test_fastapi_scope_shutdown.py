@@ -35,6 +35,8 @@ from harness.fanout import (
 from harness.proc import free_port, run_script, wait_for
 from harness.server import AppServer
 
+from fastapi_scope_shutdown import GRACE_SECONDS
+
 TOKEN = "test-token-7c1d0e"  # must never show up in a log
 SCRIPT = REPO / "fastapi_scope_shutdown.py"
 

@@ -1,0 +1,106 @@
+"""The ``/healthz`` check: does the system database answer a query, now?
+
+The configuration (URL, connection arguments, kind) is read once, when the check is
+made at startup; each probe opens a new connection and runs one query, bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lab.config import app_name, database_kind, pg_connect_args
+
+# Below the Docker HEALTHCHECK's 4 s client timeout: the check answers before it gives up.
+TIMEOUT_SEC = 3
+CONNECT_TIMEOUT_SEC = 2
+# A check that merely runs late is not an outage: CPU-bound step threads can keep it
+# from the GIL for seconds. Then another recent answer from the database (e.g. the slot
+# watchdog's, on its own connection) decides, if it is this recent.
+RECENT_ANSWER_SEC = 10
+
+
+class HealthCheck:
+    def __init__(
+        self,
+        url: str,
+        app: str,
+        recent_answer: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        self.kind = database_kind(url)
+        # recent_answer(): time.monotonic() of the database's last answer elsewhere.
+        self.recent_answer = recent_answer
+        self._password: str | None = None
+        self._sqlite_uri = ""
+        self._pg_args: dict[str, Any] = {}
+        if self.kind == "sqlite":
+            from sqlalchemy.engine import make_url
+
+            # mode=rw: a missing file is an error, not a new empty database.
+            path = Path(make_url(url).database or "").resolve()
+            self._sqlite_uri = f"{path.as_uri()}?mode=rw"
+        else:
+            self._pg_args = pg_connect_args(
+                url,
+                connect_timeout=CONNECT_TIMEOUT_SEC,
+                application_name=f"{app_name(app)}-health",
+                statement_timeout_ms=CONNECT_TIMEOUT_SEC * 1000,
+            )
+            self._password = self._pg_args.get("password")
+        # The one database check in flight: probes that arrive meanwhile share it, so a
+        # server that accepts connections but never answers cannot pile up a thread per probe.
+        self._in_flight: asyncio.Future[str | None] | None = None
+
+    def check_database(self) -> str | None:
+        """None when the database answers a query, else why not (never the password)."""
+        try:
+            if self.kind == "sqlite":
+                import sqlite3
+
+                conn: Any = sqlite3.connect(self._sqlite_uri, uri=True, timeout=CONNECT_TIMEOUT_SEC)
+                sql = "SELECT count(*) FROM sqlite_master"  # reads the file (SELECT 1 would not)
+            else:
+                import psycopg2
+
+                conn = psycopg2.connect(**self._pg_args)
+                sql = "SELECT 1"
+            try:
+                conn.cursor().execute(sql)
+            finally:
+                conn.close()
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure is the answer
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if self._password:
+                text = text.replace(self._password, "***")
+            return f"database unreachable: {text}"
+
+    async def problem(self) -> str | None:
+        """None when healthy, else the reason; answers within TIMEOUT_SEC."""
+        if self._in_flight is None or self._in_flight.done():
+            self._in_flight = asyncio.ensure_future(asyncio.to_thread(self.check_database))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._in_flight), TIMEOUT_SEC)
+        except TimeoutError:
+            answered = self.recent_answer()
+            if answered is not None and time.monotonic() - answered <= RECENT_ANSWER_SEC:
+                return None  # busy, not down: the database answered elsewhere just now
+            return f"database unreachable: no answer within {TIMEOUT_SEC} s"
+
+    async def answer(self, **facts: Any) -> tuple[int, dict[str, Any]]:
+        """(200, ``{"status": "ok", "database", "pid", **facts}``) or
+        (503, the same with ``"status": "unavailable"`` and ``"reason"``)."""
+        body: dict[str, Any] = {
+            "status": "ok",
+            **facts,
+            "database": self.kind,
+            "pid": os.getpid(),
+        }
+        problem = await self.problem()
+        if problem is None:
+            return 200, body
+        return 503, {**body, "status": "unavailable", "reason": problem}

@@ -1,0 +1,63 @@
+"""Stopping a process: a graceful stop (SIGTERM), a server crash (SIGKILL) and a
+script's simulated crash (exit at once, no cleanup)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from typing import Any, NoReturn
+
+from lab.logs import log
+
+
+def crash(**context: Any) -> NoReturn:
+    """Simulate a crash: exit at once (code 3), skipping every cleanup (no DBOS shutdown)."""
+    log.warning("crashing", extra=context)
+    logging.shutdown()
+    os._exit(3)
+
+
+def master_pid() -> int | None:
+    """The uvicorn supervisor when this is one of its worker processes."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid != os.getppid():
+        return None  # a single process (or the supervisor is already gone)
+    return parent.pid
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces, split after ")".
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                found.append(int(entry))
+    return found
+
+
+def stop_server() -> None:
+    """SIGTERM: the supervisor forwards it to every worker; a lone server stops itself."""
+    os.kill(master_pid() or os.getpid(), signal.SIGTERM)
+
+
+def kill_server() -> None:
+    """SIGKILL to the supervisor, every worker and this process: nothing runs on the way out."""
+    master = master_pid()
+    if master is not None:
+        siblings = children(master)  # before the master dies and they are re-parented
+        os.kill(master, signal.SIGKILL)  # first, so it cannot start replacements
+        for pid in siblings:
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    os.kill(os.getpid(), signal.SIGKILL)
