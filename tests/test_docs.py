@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -43,6 +44,7 @@ SCRIPTS = [
 SECTIONS = ["Question", "Run", "Observe", "What it means"]
 README = REPO / "README.md"
 README_MAX_LINES = 200
+DOCSTRING_MAX_LINES = 15
 GET_RETRY_SEC = 120  # a GET is repeated until its answer matches: work runs in background
 COMMAND_TIMEOUT_SEC = 300
 SERVER_LOG_WAIT_SEC = 30  # the lines expected after `command &` are in the server's log
@@ -142,6 +144,14 @@ def test_each_page_has_the_four_sections_and_runnable_commands(script: str) -> N
     assert "```console" in run, "the first console block is under Run"
     assert any(c.expected for c in blocks[0]), "no output line to check"
     assert f"{script}" in first_command(script).text or "uvicorn" in first_command(script).text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_docstring_is_the_question_and_a_pointer_to_its_page(script: str) -> None:
+    """The lesson is written once, on the page; the script only asks and points."""
+    docstring = ast.get_docstring(ast.parse((REPO / script).read_text())) or ""
+    assert f"docs/{script.removesuffix('.py')}.md" in docstring
+    assert len(docstring.splitlines()) <= DOCSTRING_MAX_LINES, "the long version is on the page"
 
 
 def test_the_readme_is_short_and_its_table_matches_the_pages() -> None:
