@@ -47,6 +47,7 @@ README_MAX_LINES = 200
 DOCSTRING_MAX_LINES = 15
 GET_RETRY_SEC = 120  # a GET is repeated until its answer matches: work runs in background
 COMMAND_TIMEOUT_SEC = 300
+SHUTDOWN_EXIT_SEC = 30  # POST /shutdown answered 202: the server is gone within this
 SERVER_LOG_WAIT_SEC = 30  # the lines expected after `command &` are in the server's log
 
 
@@ -342,7 +343,8 @@ class Session:
         url = re.sub(r"^(https?://)?(localhost|127\.0\.0\.1):8000", live[-1].base_url, url)
         deadline = time.monotonic() + (GET_RETRY_SEC if method == "GET" else 0)
         while True:
-            answer = httpx.request(method, url, headers=headers, timeout=60).text
+            response = httpx.request(method, url, headers=headers, timeout=60)
+            answer = response.text
             outputs.append(answer)
             if all(shows(e, answer) for e in command.expected) or time.monotonic() > deadline:
                 break
@@ -350,6 +352,9 @@ class Session:
         self._remember(answer)
         for expected in command.expected:
             assert shows(expected, answer), f"{text}: {expected!r} not in {answer[:2000]!r}"
+        if httpx.URL(url).path == "/shutdown" and response.status_code == 202:
+            # The page says the server stops: it must, before the next command.
+            live[-1].wait_exit(SHUTDOWN_EXIT_SEC)
 
     def _shell(self, text: str, command: Command) -> None:
         proc = subprocess.run(
