@@ -296,7 +296,7 @@ class Session:
         remember_secrets(self.env)
 
     def _serve(self, text: str, command: Command) -> None:
-        argv = shlex.split(text)
+        argv = shlex.split(text, comments=True)
         env = dict(self.env)
         while argv and re.fullmatch(r"[A-Z_]+=.*", argv[0]):
             name, _, value = argv.pop(0).partition("=")
@@ -323,7 +323,7 @@ class Session:
             server.terminate(timeout=30)
 
     def _curl(self, text: str, command: Command) -> None:
-        args = shlex.split(self._expand(text))[1:]
+        args = shlex.split(self._expand(text), comments=True)[1:]
         method, headers, url = "GET", {}, None
         while args:
             arg = args.pop(0)
