@@ -191,13 +191,25 @@ def test_the_output_quoted_under_observe_is_output_the_commands_are_checked_for(
         assert any(q in e for e in expected), f"{q!r} is not in the checked output"
 
 
+def anchors(markdown: str) -> set[str]:
+    """GitHub's ids of the headings: link text kept, punctuation dropped, spaces to -."""
+    ids = set()
+    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.M):
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
+        ids.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return ids
+
+
 def test_relative_links_in_the_docs_resolve() -> None:
     files = [README, *sorted((REPO / "docs").glob("*.md"))]
     for doc in files:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)]*))?\)", doc.read_text()):
             if "://" in target:
                 continue
-            assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+            path = doc.parent / target if target else doc
+            assert path.exists(), f"{doc.name}: broken link {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors(path.read_text()), f"{doc.name}: no #{anchor} in {target}"
 
 
 def test_benchmarks_readme_is_generated_from_its_json() -> None:
