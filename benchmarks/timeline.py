@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import demo
 from benchmarks.core import progress
 from harness.db import ScratchDatabases, query
 from harness.fanout import child_index
@@ -184,7 +185,6 @@ def draw(record: FanOutRecord, out: Path, title: str, limit: int | None = None) 
 def run_and_draw(
     server_url: str, workers: int, steps: int, max_n: int, out: Path, keep_db: bool
 ) -> None:
-    from benchmarks import demo
 
     postgres = server_url.startswith("postgres")
     dbs = ScratchDatabases(server_url if postgres else None, "bench")
@@ -228,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="run a fan-out on the demo with N workers")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--max-n", type=int, default=28)
-    parser.add_argument("--limit", type=int, default=50, help="queue limit line (draw mode)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=demo.settings().queue_concurrency,
+        help="queue limit line (draw mode; default: the demo's)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument(
         "--keep-db", action="store_true", help="run mode: keep the scratch database, print it"

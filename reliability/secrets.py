@@ -11,7 +11,7 @@ How
        ``SHUTDOWN_TOKEN`` unset it must answer 403. Only the right token stops it (202,
        then a clean exit). ``integration.py`` runs against a local S3 server with
        distinctive AWS keys, and ``scope.py`` with a database URL carrying a password.
-    2. Scan. Every secret handed to a script during the run (tests/helpers.py remembers
+    2. Scan. Every secret handed to a script during the run (harness/env.py remembers
        them) is searched for in every log and output, and in every row of every table
        of every system database the run used: as is, and inside base64 tokens (DBOS
        stores pickled inputs and outputs as base64, where a plain search would miss

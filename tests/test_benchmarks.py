@@ -13,8 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness import REPO
 from harness.env import script_env
+
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 # Every row the table has; on SQLite all but 4a and 4c (two worker processes need
 # Postgres).

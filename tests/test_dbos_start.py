@@ -11,10 +11,14 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from harness import REPO
 from harness.env import script_env
 from harness.proc import free_port, wait_for
+
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 DBOS = Path(sys.executable).parent / "dbos"
 

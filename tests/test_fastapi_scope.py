@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+import fastapi_scope as app
 from harness import REPO
-from harness.apps import scope_app as app
 from harness.clients import ScopeClient
 from harness.db import query, step_outputs, workflow_rows
 from harness.env import script_env
@@ -27,6 +27,7 @@ def finished(server: AppServer, workflow_id: str, timeout: float = 30) -> dict[s
     return ScopeClient(server.client).wait_finished(workflow_id, timeout)
 
 
+@pytest.mark.slow
 def test_sync_and_async_triggers_finish_and_unknown_ids_are_404(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -77,6 +78,7 @@ def test_sync_and_async_triggers_finish_and_unknown_ids_are_404(
         assert "no workflow with id 'no-such-workflow'" in missing.json()["detail"]
 
 
+@pytest.mark.slow
 def test_counters_grow_across_requests_and_reset_on_restart_but_results_stay_in_the_db(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -117,6 +119,7 @@ def test_counters_grow_across_requests_and_reset_on_restart_but_results_stay_in_
         assert (t3["result"]["counter_before"], t3["result"]["counter_after"]) == (0, 3)
 
 
+@pytest.mark.slow
 def test_a_run_recovered_after_sigkill_counts_only_the_steps_the_new_process_ran(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -159,6 +162,7 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.slow
 def test_python_script_on_sqlite_rejects_bad_parameters_with_422_and_keeps_serving(
     sqlite_url: str, tmp_path: Path
 ) -> None:

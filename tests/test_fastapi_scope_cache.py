@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import fastapi_scope_cache as app
 from harness import REPO
-from harness.apps import cache_app as app
 from harness.clients import CacheClient
 from harness.db import query, workflow_rows
 from harness.env import script_env
@@ -123,6 +125,7 @@ def body_runs(records: list[dict[str, Any]], workflow_id: str) -> list[tuple[int
 # --- tests -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_runs_fetch_credentials_once_and_a_restart_fetches_again(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -167,6 +170,7 @@ def test_two_runs_fetch_credentials_once_and_a_restart_fetches_again(
         }
 
 
+@pytest.mark.slow
 def test_the_secret_reaches_neither_the_system_database_nor_the_logs(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -181,6 +185,7 @@ def test_the_secret_reaches_neither_the_system_database_nor_the_logs(
     assert_secret_absent(pg_url, server.log_text(), secret)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_get_users_without_describing_users_again(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -226,6 +231,7 @@ def test_sigkill_mid_run_resumes_get_users_without_describing_users_again(
     assert_secret_absent(pg_url, first.log_text() + second.log_text(), secret)
 
 
+@pytest.mark.slow
 def test_python_script_on_sqlite_serves_rejects_bad_parameters_and_keeps_serving(
     sqlite_url: str, tmp_path: Path
 ) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+import fastapi_scope_shutdown as demo
 from harness import REPO
-from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import script_env
@@ -34,8 +34,7 @@ from harness.fanout import (
 )
 from harness.proc import free_port, run_script, wait_for
 from harness.server import AppServer
-
-from fastapi_scope_shutdown import GRACE_SECONDS
+from lab.config import app_name
 
 TOKEN = "test-token-7c1d0e"  # must never show up in a log
 SCRIPT = REPO / "fastapi_scope_shutdown.py"
@@ -71,6 +70,7 @@ def ledger(tmp_path: Path, parent: str) -> Counter[int]:
 # --- the fan-out ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fan_out_returns_fibonacci_numbers_with_at_most_50_steps_running_at_once(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -118,6 +118,7 @@ def test_fan_out_returns_fibonacci_numbers_with_at_most_50_steps_running_at_once
         ({"max_n": demo.MAX_MAX_N + 1}, "max_n"),
     ],
 )
+@pytest.mark.slow
 def test_out_of_range_parameters_are_422_with_the_reason(
     sqlite_server: AppServer, params: dict[str, Any], field: str
 ) -> None:
@@ -128,6 +129,7 @@ def test_out_of_range_parameters_are_422_with_the_reason(
     assert error["msg"]
 
 
+@pytest.mark.slow
 def test_openapi_documents_the_ranges(sqlite_server: AppServer) -> None:
     spec = sqlite_server.client.get("/openapi.json").json()
     params = {p["name"]: p for p in spec["paths"]["/trigger_async"]["post"]["parameters"]}
@@ -149,6 +151,7 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield server
 
 
+@pytest.mark.slow
 def test_sqlite_runs_the_fan_out_in_one_process(sqlite_server: AppServer) -> None:
     health = api(sqlite_server).healthz().json()
     assert (health["executor_id"], health["database"]) == ("shutdown-0", "sqlite")
@@ -156,6 +159,7 @@ def test_sqlite_runs_the_fan_out_in_one_process(sqlite_server: AppServer) -> Non
     assert api(sqlite_server).wait_success(workflow_id)["result"] == expected(12, 10)
 
 
+@pytest.mark.slow
 def test_sqlite_refuses_a_second_process_and_several_workers(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
     with app_server(tmp_path, url, "first", token=None) as first:
@@ -188,6 +192,7 @@ def test_bad_port_or_workers_fail_fast_with_one_line(
 # --- the shutdown endpoint ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shutdown_without_the_right_token_is_refused_and_the_server_keeps_serving(
     pg_url: str, tmp_path: Path, sqlite_server: AppServer
 ) -> None:
@@ -209,6 +214,7 @@ def test_shutdown_without_the_right_token_is_refused_and_the_server_keeps_servin
     assert api(sqlite_server).healthz().status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_is_a_graceful_stop_and_frees_the_executor_slot(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -229,6 +235,7 @@ def test_sigterm_from_outside_is_a_graceful_stop_and_frees_the_executor_slot(
 # --- the schedule, next to another experiment ----------------------------------
 
 
+@pytest.mark.slow
 def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_database(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -244,7 +251,7 @@ def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_databa
         wait_for(lambda: len(schedule_runs(server.records())) >= 2, 12, 0.2, "two runs")
         queues_before = query(pg_url, queue_sql)
         queue = (demo.QUEUE, demo.QUEUE_CONCURRENCY, None, demo.QUEUE_POLLING_SEC)
-        assert queues_before == [(*queue, "experiment6-shutdown")]
+        assert queues_before == [(*queue, app_name(demo.APP))]
 
         scope = run_script(
             "scope.py", "--steps", "2", "--step-seconds", "0", env=script_env(pg_url)

@@ -11,7 +11,9 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from harness.apps import shutdown_app as demo
+import pytest
+
+import fastapi_scope_shutdown as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.fanout import (
@@ -26,6 +28,9 @@ from harness.fanout import (
 )
 from harness.proc import alive, wait_for
 from harness.server import AppServer
+
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-workers-41b7"  # must never show up in a log
 expected = fan_out_result  # what a fan-out of (steps, max_n) must return

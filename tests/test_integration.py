@@ -102,6 +102,7 @@ def transactions_per_page(records: list[dict[str, Any]]) -> Counter[int]:
     return Counter(r["page"] for r in records if r.get("message") == "page transaction")
 
 
+@pytest.mark.slow
 def test_every_object_is_recorded_exactly_once_by_page_workflows(
     pg_url: str, s3_endpoint: str
 ) -> None:
@@ -141,6 +142,7 @@ def test_every_object_is_recorded_exactly_once_by_page_workflows(
     assert query(pg_url, "SELECT count(*) FROM integration.datasource_outputs") == [(0,)]
 
 
+@pytest.mark.slow
 def test_workflow_state_holds_the_instance_name_but_no_client_and_no_credential(
     pg_url: str, s3_endpoint: str
 ) -> None:
@@ -190,6 +192,7 @@ def test_workflow_state_holds_the_instance_name_but_no_client_and_no_credential(
     assert scanned > 50
 
 
+@pytest.mark.slow
 def test_crash_right_after_a_page_commit_resumes_without_running_it_again(
     pg_url: str, s3_endpoint: str
 ) -> None:
@@ -234,6 +237,7 @@ def test_crash_right_after_a_page_commit_resumes_without_running_it_again(
     assert {r[1] for r in page_rows(pg_url, run_id)} == {"SUCCESS"}
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_ends_with_every_object_once(
     pg_url: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
@@ -282,6 +286,7 @@ def test_sigkill_midway_then_rerun_ends_with_every_object_once(
     }
 
 
+@pytest.mark.slow
 def test_rate_and_concurrency_limits_hold_in_workflow_status(pg_url: str, s3_endpoint: str) -> None:
     bucket, _ = seed(s3_endpoint, 30)
     result = run_script(
@@ -367,6 +372,7 @@ def test_missing_bucket_fails_with_one_line_and_records_nothing(
     ) == [(0,)]
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_fails_with_one_line(sqlite_url: str, tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     result = run_script("integration.py", env=s3_env(sqlite_url, endpoint), cwd=tmp_path)
@@ -378,6 +384,7 @@ def test_unreachable_endpoint_fails_with_one_line(sqlite_url: str, tmp_path: Pat
     assert not (tmp_path / "experiment6.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_without_an_endpoint_a_local_s3_server_is_seeded_and_listed(tmp_path: Path) -> None:
     result = run_script(
         "integration.py", "--objects", "30", "--page-size", "10", env=script_env(), cwd=tmp_path

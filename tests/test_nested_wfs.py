@@ -69,6 +69,7 @@ def running(result: ScriptResult, tree_root: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_both_trees_match_workflow_status_and_child_ids_derive_from_the_parent(
     pg_url: str,
 ) -> None:
@@ -146,6 +147,7 @@ def crash_and_resume(url: str, level: str, tree: str) -> tuple[ScriptResult, Scr
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.slow
 def test_a_crash_in_the_direct_tree_resumes_without_repeating_finished_work(
     pg_url: str, level: str
 ) -> None:
@@ -185,6 +187,7 @@ def test_a_crash_in_the_direct_tree_resumes_without_repeating_finished_work(
     assert [(n["workflow_id"], n["queue_name"]) for n in nodes] == [(ids[x], None) for x in LEVELS]
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_queued_tree_puts_its_workflows_back_on_their_queue(
     pg_url: str,
 ) -> None:
@@ -209,6 +212,7 @@ def test_a_crash_in_the_queued_tree_puts_its_workflows_back_on_their_queue(
     assert [op[1] for op in operations(pg_url, step_id)] == ["wf_step"]
 
 
+@pytest.mark.slow
 def test_default_run_uses_sqlite_in_the_working_directory(tmp_path: Path) -> None:
     result = run_script("nested_wfs.py", "--sleep-seconds", "0", env=script_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from harness.db import query, step_outputs
 from reliability import crash_matrix
 from reliability.core import Context, Figure, broken
+
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def by_name(figures: list[Figure], name: str) -> Any:

@@ -61,6 +61,7 @@ def sessions(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.mark.parametrize("case", hostile.CASES, ids=[c.id for c in hostile.CASES])
+@pytest.mark.slow
 def test_hand_written_hostile_request_gets_its_answer_with_a_reason(
     sessions: Sessions, case: hostile.HandCase
 ) -> None:
@@ -82,6 +83,7 @@ REFUSAL = {hostile.SHUTDOWN.key: 401, hostile.SHUTDOWN_UNSET.key: 403}
 
 
 @pytest.mark.parametrize("key", list(SPECS))
+@pytest.mark.slow
 def test_fuzzing_every_operation_gives_no_5xx_no_hang_and_the_app_still_serves(
     sessions: Sessions, key: str
 ) -> None:

@@ -27,6 +27,7 @@ def loaded(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         ctx.close()
 
 
+@pytest.mark.slow
 def test_every_request_of_both_bursts_is_answered_202_with_a_distinct_workflow_id(
     loaded: load.LoadRun,
 ) -> None:
@@ -38,6 +39,7 @@ def test_every_request_of_both_bursts_is_answered_202_with_a_distinct_workflow_i
     assert loaded.duplicate_ids == 0
 
 
+@pytest.mark.slow
 def test_every_accepted_workflow_is_success_and_none_ran_twice(loaded: load.LoadRun) -> None:
     # Exactly one A.run row per accepted id, no other (nothing started without an answer).
     assert sorted(loaded.rows) == sorted(loaded.accepted)
@@ -52,6 +54,7 @@ def test_every_accepted_workflow_is_success_and_none_ran_twice(loaded: load.Load
     assert loaded.tracebacks == 0
 
 
+@pytest.mark.slow
 def test_a_second_burst_of_the_same_size_barely_raises_the_memory_peak(
     loaded: load.LoadRun,
 ) -> None:
@@ -62,6 +65,7 @@ def test_a_second_burst_of_the_same_size_barely_raises_the_memory_peak(
     assert growth is not None and growth <= load.SECOND_BURST_GROWTH_LIMIT_MIB * 1024
 
 
+@pytest.mark.slow
 def test_figures_keep_every_promise(loaded: load.LoadRun) -> None:
     figures = load.figures(loaded)
     assert broken(figures) == []

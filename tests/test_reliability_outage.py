@@ -63,6 +63,7 @@ def assert_unavailable(body: Any) -> None:
     assert (body["executor_id"], body["database"]) == ("shutdown-0", "postgres")
 
 
+@pytest.mark.slow
 def test_fan_out_and_schedule_ride_out_database_restarts_and_an_outage(ctx: Context) -> None:
     (service_run,) = outage.run_all(ctx, outage.QUICK)
     results = {r.scenario.name: r for r in service_run.results}
@@ -118,6 +119,7 @@ def test_fan_out_and_schedule_ride_out_database_restarts_and_an_outage(ctx: Cont
         assert {f"{r.scenario.label}: {name}" for r in results.values()} <= kept
 
 
+@pytest.mark.slow
 def test_a_database_restart_keeps_the_executor_slot_taken(ctx: Context) -> None:
     def require(ok: object, what: str) -> None:
         # Not an AssertionError: a broken set-up must fail, not pass as the known bug.
@@ -142,6 +144,7 @@ def test_a_database_restart_keeps_the_executor_slot_taken(ctx: Context) -> None:
     assert (locks, second) == (1, "shutdown-1")
 
 
+@pytest.mark.slow
 def test_healthz_on_sqlite_is_503_while_the_database_file_cannot_be_opened(
     tmp_path: Path,
 ) -> None:

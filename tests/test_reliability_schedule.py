@@ -14,6 +14,9 @@ from harness.db import assert_no_secret_in_databases
 from reliability import schedule
 from reliability.core import Context, broken
 
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 WINDOW_SECONDS = 30  # the minimum
 
 

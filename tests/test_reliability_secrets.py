@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import pickle
 
+import pytest
+
 from harness.env import secrets_in
 from reliability import secrets
 
@@ -20,11 +22,13 @@ def test_the_scan_sees_a_secret_as_is_and_inside_base64_pickles() -> None:
     assert secrets_in("nothing here, not even " + secret[:-1], {secret}) == set()
 
 
+@pytest.mark.slow
 def test_the_scan_finds_a_secret_a_workflow_took_as_its_argument(reliability_ctx) -> None:
     # The control: without it, "no secret found" could mean "the scan sees nothing".
     assert secrets.control(reliability_ctx)
 
 
+@pytest.mark.slow
 def test_shutdown_refuses_every_near_miss_token_and_only_the_right_one_stops_the_server(
     reliability_ctx,
 ) -> None:
@@ -36,6 +40,7 @@ def test_shutdown_refuses_every_near_miss_token_and_only_the_right_one_stops_the
     assert set(guard["disabled_answers"]) == {403} and guard["disabled_serving"]
 
 
+@pytest.mark.slow
 def test_apps_given_secrets_leave_none_in_logs_outputs_or_databases(reliability_ctx) -> None:
     ran = secrets.exercise_apps(reliability_ctx)
     assert ran["cache_stats"]["fetches"] == 1 and ran["cache_stats"]["hits"] > 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from harness.db import step_outputs, workflow_rows
 from harness.env import script_env
 from harness.proc import run_script
@@ -32,6 +34,7 @@ def test_clean_run_counts_on_the_instance_not_the_class(db_url: str) -> None:
     assert step_outputs(db_url, s["workflow_id"]) == [(i, "A.step") for i in range(1, 6)]
 
 
+@pytest.mark.slow
 def test_crash_then_resume_runs_only_the_missing_steps_on_a_new_instance(db_url: str) -> None:
     env = script_env(db_url)
     crashed = run_script("scope.py", *ARGS, "--crash-after", "2", env=env)
@@ -63,6 +66,7 @@ def test_crash_then_resume_runs_only_the_missing_steps_on_a_new_instance(db_url:
     assert workflow_rows(db_url, workflow_id)["status"] == "SUCCESS"
 
 
+@pytest.mark.slow
 def test_nothing_to_resume_starts_a_fresh_workflow(sqlite_url: str) -> None:
     env = script_env(sqlite_url)
     first = run_script("scope.py", *ARGS, env=env).summary
@@ -104,7 +108,7 @@ def test_malformed_database_url_fails_fast_with_one_line(tmp_path: Path) -> None
 
 
 def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
-    from helpers import free_port
+    from harness.proc import free_port
 
     url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/nowhere"
     result = run_script("scope.py", *ARGS, env=script_env(url), cwd=tmp_path, timeout=30)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from harness.db import step_outputs, workflow_rows
 from harness.env import script_env
 from harness.proc import run_script
+
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 ARGS = ("--steps", "5", "--step-seconds", "0")
 

@@ -14,10 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness import REPO
 from harness.db import query
 from harness.env import script_env
 from harness.proc import run_script
+
+# Servers, crashes or long runs: not in the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 ARGS = ("--steps", "4", "--step-seconds", "0")
 
