@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import fastapi_scope_shutdown as shutdown_app
 from benchmarks import http_app
+from harness.apps import shutdown_app
 from harness.clients import ShutdownClient
 from harness.db import query, workflow_status
 from harness.env import script_env

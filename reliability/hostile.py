@@ -67,9 +67,7 @@ from typing import Any, cast
 
 import httpx
 
-import fastapi_scope as scope_app
-import fastapi_scope_cache as cache_app
-import fastapi_scope_shutdown as shutdown_app
+from harness.apps import cache_app, scope_app, shutdown_app
 from harness.clients import WorkflowsClient
 from harness.db import query
 from harness.env import script_env

@@ -74,7 +74,7 @@ from typing import Any
 
 import httpx
 
-import fastapi_scope as scope_app
+from harness.apps import scope_app
 from harness.clients import ScopeClient
 from harness.db import query
 from harness.env import script_env

@@ -94,8 +94,8 @@ from typing import Any
 
 import httpx
 
-import fastapi_scope_shutdown as shutdown_app
 from harness import pgcluster
+from harness.apps import shutdown_app
 from harness.clients import ShutdownClient
 from harness.db import admin, query
 from harness.fanout import children, demo_server, fan_out_result, ledger_runs

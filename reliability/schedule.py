@@ -53,7 +53,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import fastapi_scope_shutdown as shutdown_app
+from harness.apps import shutdown_app
 from harness.db import query
 from harness.env import script_env
 from harness.proc import alive, read_json_lines, wait_for

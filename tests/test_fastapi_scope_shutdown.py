@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-import fastapi_scope_shutdown as demo
 from harness import REPO
+from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import script_env

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import fastapi_scope_shutdown as demo
+from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.fanout import (
