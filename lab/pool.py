@@ -33,6 +33,7 @@ Lifecycle, for every way a service stops:
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -132,3 +133,10 @@ def stop(timeout: float = STOP_TIMEOUT_SEC) -> None:
         proc.kill()
     for proc in processes:
         proc.join(timeout)
+    # Its manager thread sees the processes gone, fails what still waited and closes
+    # the queues; then their semaphores can be released now, not left for the
+    # resource tracker to report as leaked (uvicorn ends on a re-raised SIGTERM,
+    # without running exit handlers).
+    executor.shutdown(wait=True)
+    del executor, processes
+    gc.collect()
