@@ -128,15 +128,17 @@ def stop(timeout: float = STOP_TIMEOUT_SEC) -> None:
         return
     # ProcessPoolExecutor has no public way to end its processes before Python 3.14.
     processes = list((getattr(executor, "_processes", None) or {}).values())
+    manager = getattr(executor, "_executor_manager_thread", None)
     executor.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.kill()
     for proc in processes:
         proc.join(timeout)
-    # Its manager thread sees the processes gone, fails what still waited and closes
-    # the queues; then their semaphores can be released now, not left for the
-    # resource tracker to report as leaked (uvicorn ends on a re-raised SIGTERM,
-    # without running exit handlers).
-    executor.shutdown(wait=True)
-    del executor, processes
+    # The executor's manager thread sees its processes gone, fails what still waited,
+    # and lets go of the queues: once it has ended, their semaphores can be released
+    # now rather than be reported as leaked by multiprocessing's resource tracker
+    # (uvicorn ends on a re-raised SIGTERM, without running exit handlers).
+    if manager is not None:
+        manager.join(timeout)
+    del executor, processes, manager
     gc.collect()
