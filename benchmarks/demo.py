@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import http_app
 from harness.apps import shutdown_app
 from harness.clients import ShutdownClient
 from harness.db import query, workflow_status
@@ -24,10 +25,9 @@ from harness.env import script_env
 from harness.fanout import child_index, demo_server
 from harness.server import AppServer
 
-# Row 5's server: the demo's own app with one extra no-op route (benchmarks/http_app.py;
-# not imported here: importing the app sets up its JSON logging in this process).
-BENCH_APP = "benchmarks.http_app"
-NOOP_ROUTE = "GET /_bench/noop"
+# Row 5's server: the demo's own app with one extra no-op route (benchmarks/http_app.py).
+BENCH_APP = http_app.__name__
+NOOP_ROUTE = f"GET {http_app.NOOP_PATH}"
 
 _DONE = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
@@ -161,7 +161,7 @@ def run_fan_out(
 def latencies(server: AppServer, pairs: int, warmup: int = 5) -> tuple[list[float], list[float]]:
     """Alternating (no-op, trigger) requests on one connection; seconds each."""
     api = ShutdownClient(server.client)
-    noop_path = NOOP_ROUTE.split(" ", 1)[1]
+    noop_path = http_app.NOOP_PATH
 
     def noop() -> float:
         t0 = time.perf_counter()

@@ -310,7 +310,10 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
     units = s.threads_units
     n = demo.fib_for_seconds(s.threads_seconds / units)
     url = ctx.fresh_db(kind, "threads")
-    progress(f"{kind}: 4b CPU-bound: {units} × fib({n}), one process: 50-way queue vs sequential")
+    limit = demo_settings.queue_concurrency
+    progress(
+        f"{kind}: 4b CPU-bound: {units} × fib({n}), one process: {limit}-way queue vs sequential"
+    )
     poll = demo_settings.polling_interval
     r = run_probe(
         "threads",
@@ -334,7 +337,7 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
     )
     row = Row(
         "4b",
-        f"CPU-bound fan-out in one process ({units} × fib({n})): sequential vs 50-way queue "
+        f"CPU-bound fan-out in one process ({units} × fib({n})): sequential vs {limit}-way queue "
         "(threads)",
         kind,
         "sequential",

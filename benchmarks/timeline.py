@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import demo
 from benchmarks.core import progress
 from harness.db import ScratchDatabases, query
 from harness.fanout import child_index
@@ -212,7 +213,6 @@ def run_and_draw(
     keep_db: bool,
     executors: tuple[str, ...] = ("process", "thread"),
 ) -> None:
-    from benchmarks import demo
 
     postgres = server_url.startswith("postgres")
     dbs = ScratchDatabases(server_url if postgres else None, "bench")
@@ -267,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="run mode: where the steps compute (both: one fan-out each, side by side)",
     )
-    parser.add_argument("--limit", type=int, default=50, help="queue limit line (draw mode)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=demo.settings().queue_concurrency,
+        help="queue limit line (draw mode; default: the demo's)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument(
         "--keep-db", action="store_true", help="run mode: keep the scratch database, print it"

@@ -1,15 +1,19 @@
 """The harness the tests, the benchmarks and the reliability suite share.
 
-One module per concern; nothing here imports from ``tests/``:
+One module per concern; nothing here imports from ``tests/``. The apps' constants and
+limits are imported from the apps themselves (``from harness.apps import shutdown_app``,
+``shutdown_app.GRACE_SECONDS``), never copied or parsed.
 
     harness.env        a script's environment, and the secrets handed to scripts
     harness.proc       run a script, wait for something, ports, process liveness, JSON lines
     harness.server     ``AppServer``: an app served in a subprocess, reached over HTTP
     harness.clients    one client per app HTTP contract (scope, cache, shutdown)
-    harness.apps       the apps' own constants and limits, and what their runs look like
+    harness.apps       the three FastAPI apps, imported for their constants and limits
+    harness.fanout     the shutdown demo's fan-out: served, its rows, ledger and checks
     harness.db         queries on a system database, scratch databases, secret scans
     harness.report     progress lines on stderr, Markdown tables
     harness.pgcluster  a throwaway PostgreSQL cluster (``python -m harness.pgcluster``)
+    harness.docker     the Docker engine for the container tests
 """
 
 from __future__ import annotations

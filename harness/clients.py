@@ -143,16 +143,6 @@ class ShutdownClient(WorkflowsClient):
         assert body["status"] in ("PENDING", "ENQUEUED", "SUCCESS"), body
         return str(body["workflow_id"])
 
-    def wait_progress(self, workflow_id: str, done: int, timeout: float = 60) -> dict[str, Any]:
-        """Poll until ``done`` steps of the fan-out finished; its view."""
-        found: dict[str, Any] = wait_for(
-            lambda: (view := self.view(workflow_id))["progress"]["done"] >= done and view,
-            timeout,
-            0.1,
-            f"{done} steps of {workflow_id} to finish",
-        )
-        return found
-
     def healthz(self, timeout: float | None = None) -> httpx.Response:
         if timeout is None:
             return self.http.get("/healthz")

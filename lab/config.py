@@ -19,8 +19,10 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from lab.logs import CONFIG_NAME, fail
+from lab.logs import fail
 
+# The name in dbos-config.yaml; application names are "experiment6-<app>".
+CONFIG_NAME = "experiment6"
 SQLITE_URL = f"sqlite:///{CONFIG_NAME}.sqlite"
 # Fail fast on an unreachable server instead of DBOS's 10 s default.
 CONNECT_TIMEOUT_SEC = 5

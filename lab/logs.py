@@ -9,8 +9,6 @@ from typing import NoReturn
 
 from pythonjsonlogger.json import JsonFormatter
 
-CONFIG_NAME = "experiment6"
-
 log = logging.getLogger("experiment6")
 
 # DBOS decorates its records with these attributes (uvicorn adds color_message, with
@@ -67,7 +65,9 @@ def setup_logging(app: str, level: int = logging.INFO) -> None:
     handler when the ``dbos`` logger has none.
     """
     global _app_name
-    _app_name = f"{CONFIG_NAME}-{app}"
+    from lab.config import app_name
+
+    _app_name = app_name(app)
     root = logging.getLogger()
     root.handlers[:] = [_json_handler()]
     root.setLevel(level)
@@ -90,7 +90,9 @@ def uvicorn_logging(app: str) -> None:
     constants keeps its own logging.
     """
     global _app_name
-    _app_name = f"{CONFIG_NAME}-{app}"
+    from lab.config import app_name
+
+    _app_name = app_name(app)
     top = logging.getLogger("uvicorn")
     top.handlers[:] = [_json_handler()]
     top.propagate = False

@@ -51,7 +51,7 @@ class ExecutorSlots:
         self._holder: Any = None
         self._url = ""
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._adopter: threading.Thread | None = None
 
     def executor_id(self, slot: int) -> str:
         return f"{self.app}-{slot}"
@@ -116,15 +116,15 @@ class ExecutorSlots:
         """On Postgres: start the watchdog (``keep``) and the orphan adopter (``adopt``)."""
         if database_kind(self._url) != "postgres":
             return
-        for target in (self.adopt, self.keep):
-            thread = threading.Thread(target=target, args=(slot,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._adopter = threading.Thread(target=self.adopt, args=(slot,), daemon=True)
+        self._adopter.start()
+        threading.Thread(target=self.keep, args=(slot,), daemon=True).start()
 
     def stop_watching(self) -> None:
+        """Stop both; wait for an adoption in progress (the watchdog stops at its next check)."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        if self._adopter is not None:
+            self._adopter.join(timeout=5)
 
     def release(self) -> None:
         if self._holder is not None:

@@ -113,7 +113,7 @@ PROBE_TIMEOUT = 10.0  # "answered, not hung"; /healthz itself gives up after 3 s
 PROBE_INTERVAL = 0.5
 RECOVERY_TIMEOUT = 180.0  # db_retry's backoff is capped at 60 s (90 s with jitter)
 # application_name of the connection holding fastapi_scope_shutdown's executor-slot lock.
-SLOT_CONNECTION = f"{app_name(shutdown_app.APP)}-slot"
+SLOT_CONNECTION = f"{app_name(shutdown_app.APP)}-slot"  # lab/slots.py
 # fastapi_scope_shutdown's schedule (CRON "*/5 * * * * *"): the app names no seconds
 # constant, so this one is the suite's own reading of its cron line.
 SCHEDULE_SECONDS = 5

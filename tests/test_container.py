@@ -1,12 +1,14 @@
-"""The Docker image, checked without a Docker engine.
+"""The Dockerfile, the locks and the files around the image, checked without an engine.
 
 - hadolint finds nothing in the Dockerfile;
-- the image "built" by replaying the Dockerfile (tests/container_image.py: only the
-  COPY'd files, a fresh virtualenv with only what RUN installs, its ENV and USER)
-  serves /healthz and a fan-out against Postgres, passes its own HEALTHCHECK and
-  stops cleanly on SIGTERM; the same image without one file or one package fails;
-- versions, .dockerignore, docker-compose.yml, dbos-config.yaml and envrc-template
-  agree with the code.
+- one lock for what ships: requirements-runtime.txt is generated (uv, hashes) from
+  requirements-runtime.in by the command in its header and is current; the test
+  environment has exactly its versions (tests/test_container_engine.py checks that the
+  image has them too); the image's Dockerfile installs that file and nothing else;
+  the pins install from wheels on CPython 3.12, amd64 and arm64;
+- docker-compose.yml, dbos-config.yaml and envrc-template agree with the code.
+
+The image itself, built and run on a real engine: tests/test_container_engine.py.
 """
 
 from __future__ import annotations
@@ -16,28 +18,23 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from importlib.metadata import version
+from importlib.metadata import distributions
 from pathlib import Path
-from typing import Any
 
-import container_image as ci
-import httpx
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 from sqlalchemy.engine import make_url
 
 from harness import REPO
-from harness.db import query
-from harness.proc import free_port, wait_for
+from harness.docker import compose_cli, lock_pins, normalize
 
 DOCKERFILE = REPO / "Dockerfile"
+RUNTIME_LOCK = REPO / "requirements-runtime.txt"
+DEV_LOCK = REPO / "requirements-dev.txt"
 BIN = Path(sys.executable).parent
-RUNTIME = {"dbos", "fastapi", "uvicorn", "psycopg2-binary", "python-json-logger", "dumb-init"}
 TOKEN = "test-shutdown-token"  # noqa: S105 - a test value
 
 
@@ -76,100 +73,138 @@ def test_hadolint_does_flag_a_careless_dockerfile(tmp_path: Path) -> None:
     assert {"DL3006", "DL3013", "DL3042", "DL3025"} <= set(re.findall(r"DL\d{4}", result.stdout))
 
 
-# --- versions -----------------------------------------------------------------------
+# --- one lock for what ships ----------------------------------------------------------
 
 
-def pins(path: Path) -> dict[str, str]:
-    """name -> version of every requirement in ``path`` (following ``-r``); all must be ==."""
-    found: dict[str, str] = {}
+def direct(path: Path) -> dict[str, str]:
+    """name -> pinned version of each requirement of a .in file (all must be ==)."""
+    found = {}
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
-        if not line:
+        if not line or line.startswith("-"):
             continue
-        if line.startswith(("-r ", "--requirement ")):
-            found.update(pins(path.parent / line.split(None, 1)[1]))
-            continue
-        match = re.fullmatch(r"([A-Za-z0-9._-]+)(\[[^\]]*\])?==([^\s;]+)", line)
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)(\[[^\]]*\])?==(\S+)", line)
         assert match, f"{path.name}: not an exact pin: {line!r}"
-        found[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[3]
+        found[normalize(match[1])] = match[3]
     return found
 
 
-def test_dockerfile_installs_exactly_the_runtime_pins_of_requirements_txt(
-    tmp_path: Path,
-) -> None:
-    image = ci.build(DOCKERFILE.read_text(), REPO, tmp_path, venvs=None)
-    assert image.base == "python:3.12-slim"
-    # Every pip install in the image reads requirement files: no inline specs or options.
-    image_pins: dict[str, str] = {}
-    for args in image.pip_installs:
-        files = args[1::2]
-        assert args == [x for f in files for x in ("-r", f)], args
-        for file in files:
-            image_pins.update(pins(Path(file)))
-    assert set(image_pins) == RUNTIME
-    everything = pins(REPO / "requirements.txt")
-    assert {name: everything.get(name) for name in image_pins} == image_pins
-    # And the tests run against the same versions.
-    assert {name: version(name) for name in image_pins} == image_pins
+def test_requirements_txt_is_the_two_locks() -> None:
+    lines = [
+        line
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines == ["-r requirements-runtime.txt", "-r requirements-dev.txt"]
 
 
-@pytest.mark.parametrize(
-    "line",
-    [
-        "RUN apt-get update",
-        "ADD common.py .",
-        "ENTRYPOINT uvicorn app:app",
-        "COPY --chmod=600 common.py .",
-        "FROM python:3.12-slim AS second",
-        "ARG VERSION=1",
-    ],
-)
-def test_replay_refuses_a_line_it_cannot_reproduce(line: str, tmp_path: Path) -> None:
-    with pytest.raises(ci.Unsupported):
-        ci.build(f"FROM python:3.12-slim\nWORKDIR /app\n{line}\n", REPO, tmp_path, None)
+@pytest.mark.parametrize("name", ["requirements-runtime", "requirements-dev"])
+def test_each_lock_pins_its_direct_requirements_and_everything_below_them(name: str) -> None:
+    lock = REPO / f"{name}.txt"
+    text = lock.read_text()
+    # Every entry carries hashes (pip then refuses any file whose hash differs).
+    entries = [line for line in text.replace("\\\n", " ").splitlines() if "==" in line]
+    assert entries and all(
+        re.match(r"[A-Za-z0-9._-]+==", e) and "--hash=sha256:" in e for e in entries
+    ), entries
+    pins = lock_pins(lock)
+    assert {n: pins.get(n) for n in direct(REPO / f"{name}.in")} == direct(REPO / f"{name}.in")
+    if name == "requirements-runtime":
+        assert len(pins) > 2 * len(direct(REPO / f"{name}.in"))  # transitive ones too
+        assert {"python-dateutil", "starlette", "pydantic", "sqlalchemy"} <= set(pins)
 
 
-@pytest.mark.parametrize("source", ["no_such_file.py", "scope.py", "tests/conftest.py"])
-def test_replay_cannot_copy_what_the_build_context_lacks(source: str, tmp_path: Path) -> None:
-    """Missing, or left out by .dockerignore: `docker build` would fail the same way."""
-    with pytest.raises(AssertionError, match="not in the build context"):
-        ci.build(f"FROM python:3.12-slim\nWORKDIR /app\nCOPY {source} ./\n", REPO, tmp_path, None)
+def test_the_locks_agree_on_every_package_they_share() -> None:
+    runtime, dev = lock_pins(RUNTIME_LOCK), lock_pins(DEV_LOCK)
+    shared = set(runtime) & set(dev)
+    assert shared  # httpx and schemathesis share anyio, idna, ... with the runtime
+    assert {n: dev[n] for n in shared} == {n: runtime[n] for n in shared}
 
 
-# --- .dockerignore ------------------------------------------------------------------
+def test_the_test_environment_has_exactly_the_locked_versions() -> None:
+    installed = {normalize(d.metadata["Name"]): d.version for d in distributions()}
+    locked = {**lock_pins(DEV_LOCK), **lock_pins(RUNTIME_LOCK)}
+    assert {n: installed.get(n) for n in locked} == locked
+    # Nothing else, but pip itself (and what a developer installed by hand, outside CI).
+    extra = set(installed) - set(locked) - {"pip"}
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        assert not extra, f"installed but in no lock: {sorted(extra)}"
 
 
-def test_dockerignore_lets_in_only_what_copy_needs() -> None:
-    patterns = ci.read_dockerignore(REPO)
-    for path in (
-        ".git/HEAD",
-        ".venv/bin/python",
-        "__pycache__/common.cpython-312.pyc",
-        ".pytest_cache/v/cache/nodeids",
-        ".ruff_cache/CACHEDIR.TAG",
-        "experiment6.sqlite",
-        "experiment6.sqlite-wal",
-        "tests/test_scope.py",
-        "benchmarks/core.py",
-        ".envrc",
-        "scope.py",
+@pytest.mark.parametrize("name", ["requirements-runtime", "requirements-dev"])
+def test_each_lock_is_what_its_header_command_generates(name: str, tmp_path: Path) -> None:
+    """Regenerated by the command in its header, the lock does not change (uv keeps the
+    pins of an existing output file unless the .in file asks otherwise): nobody edited
+    a .in file without regenerating, or edited the lock by hand."""
+    lock = (REPO / f"{name}.txt").read_text()
+    command = lock.splitlines()[1].lstrip("# ").split()
+    assert command[:3] == ["uv", "pip", "compile"] and f"{name}.in" in command
+    assert {"--universal", "--generate-hashes", "--fork-strategy"} <= set(command)
+    for file in (
+        "requirements-runtime.in",
+        "requirements-runtime.txt",
+        f"{name}.in",
+        f"{name}.txt",
     ):
-        assert ci.ignored(path, patterns), f"{path} would reach the build context"
-    copied = {"requirements-runtime.txt", "dbos-config.yaml", "common.py"}
-    copied.add("fastapi_scope_shutdown.py")
-    assert not any(ci.ignored(p, patterns) for p in copied)
-    present = {p for p in copied if (REPO / p).exists()}
-    assert set(ci.context_files(REPO)) == present
+        shutil.copy(REPO / file, tmp_path / file)
+    uv = shutil.which("uv", path=str(BIN)) or shutil.which("uv")
+    assert uv, "uv (requirements-dev.in) is not installed"
+    result = subprocess.run(
+        [uv, *command[1:], "--quiet", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / f"{name}.txt").read_text() == lock, f"{name}.txt is stale: regenerate it"
 
 
-def test_dockerignore_matching_follows_docker_rules() -> None:
-    patterns = ["*", "!keep.py", "**/*.log", "build/"]
-    assert not ci.ignored("keep.py", patterns)
-    assert ci.ignored("other.py", patterns)
-    assert ci.ignored("a/b/c.log", ["**/*.log"])
-    assert ci.ignored("build/x/y", ["build"])
-    assert not ci.ignored("src/x.py", ["build", "*.log"])
+def test_the_dockerfile_installs_the_runtime_lock_and_nothing_else() -> None:
+    parser = DockerfileParser(path=str(DOCKERFILE))
+    runs = [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
+    installs = [cmd for run in runs for cmd in run.split("&&") if "pip install" in cmd]
+    assert [i.split() for i in installs] == [
+        ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements-runtime.txt"]
+    ]
+    assert parser.baseimage == "python:3.12-slim"
+
+
+@pytest.mark.slow
+def test_runtime_lock_installs_from_wheels_on_the_images_python_3_12(tmp_path: Path) -> None:
+    """The image has CPython 3.12 and no compiler. Both architectures python:3.12-slim
+    ships (amd64, arm64) resolve the lock to wheels alone, at its versions."""
+    runs = {}
+    for arch in ("x86_64", "aarch64"):
+        platforms = [f"manylinux_2_{v}_{arch}" for v in (17, 24, 28, 34, 36)]
+        runs[arch] = subprocess.Popen(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet"]
+            + ["--ignore-installed", "--only-binary=:all:", "--python-version=3.12"]
+            + ["--implementation=cp", "--abi=cp312", "--abi=abi3", "--abi=none"]
+            + [f"--platform={p}" for p in [*platforms, f"manylinux2014_{arch}", "any"]]
+            + [f"--target={tmp_path / arch}", f"--report={tmp_path / f'{arch}.json'}"]
+            + ["--require-hashes", "-r", str(RUNTIME_LOCK)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for arch, proc in runs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{arch}: {stderr[-3000:]}"
+        report = json.loads((tmp_path / f"{arch}.json").read_text())
+        resolved = {
+            normalize(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]
+        }
+        environment = {
+            "python_version": "3.12",
+            "python_full_version": "3.12.0",
+            "implementation_name": "cpython",
+            "platform_python_implementation": "CPython",
+            "sys_platform": "linux",
+            "platform_machine": arch,
+            "os_name": "posix",
+        }
+        assert resolved == lock_pins(RUNTIME_LOCK, environment), arch
 
 
 # --- docker-compose.yml and dbos-config.yaml -------------------------------------
@@ -192,16 +227,6 @@ def test_compose_runs_the_image_against_a_healthy_postgres_it_can_log_into() -> 
     # Published on loopback only, onto the port the image exposes and serves.
     assert app["ports"] == ["127.0.0.1:8000:8000"]
     assert all(p.startswith("127.0.0.1:") for p in pg.get("ports", []))
-
-
-def compose_cli() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-        if probe.returncode == 0:
-            return ["docker", "compose"]
-    return None
 
 
 @pytest.mark.skipif(compose_cli() is None, reason="no docker compose CLI (apt: docker-compose)")
@@ -339,218 +364,3 @@ def test_envrc_template_is_a_valid_script_exporting_its_variables(tmp_path: Path
         m[1] for m in re.finditer(r"^export (\w+)=", (REPO / "envrc-template").read_text(), re.M)
     ]
     assert active and all(var in exported for var in active)
-
-
-# --- the image, replayed and run -------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def venvs() -> Iterator[ci.VenvCache]:
-    base = ci.new_dir("exp6-venvs-")
-    yield ci.VenvCache(base)
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def build(venvs: ci.VenvCache) -> Iterator[Callable[..., ci.Image]]:
-    """Build an image from a Dockerfile text (default: ours) and a context (default: REPO)."""
-    dirs: list[Path] = []
-
-    def _build(text: str | None = None, context: Path = REPO) -> ci.Image:
-        dirs.append(ci.new_dir("exp6-image-"))
-        return ci.build(text or DOCKERFILE.read_text(), context, dirs[-1], venvs)
-
-    yield _build
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def port_closed(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def fan_out_view(client: httpx.Client, workflow_id: str) -> dict[str, Any] | None:
-    view = client.get(f"/workflows/{workflow_id}").json()
-    return view if view["status"] in ("SUCCESS", "ERROR") else None
-
-
-def test_image_serves_a_fan_out_on_postgres_passes_its_healthcheck_and_stops_on_sigterm(
-    build: Callable[..., ci.Image], pg_url: str, tmp_path: Path
-) -> None:
-    image = build()
-    assert sorted(image.copied) == [
-        "app/common.py",
-        "app/dbos-config.yaml",
-        "app/fastapi_scope_shutdown.py",
-        "app/requirements-runtime.txt",
-    ]
-    assert image.uid != 0 and image.exposed == ["8000"]
-    assert image.cmd[:2] == ["uvicorn", "fastapi_scope_shutdown:app"]
-    assert image.cmd[image.cmd.index("--host") + 1] == "0.0.0.0"
-    assert image.cmd[image.cmd.index("--port") + 1] == "8000"
-    # `python` in the container is the image's virtualenv, which holds the runtime only:
-    # nothing leaks in from the test's environment (httpx, pytest).
-    probe = "import sys, importlib.util as u; print(sys.prefix, u.find_spec('httpx') is None)"
-    inside = subprocess.run(
-        image.as_user(["python", "-c", probe]),
-        env=image.run_env(),
-        cwd=image.cwd,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert inside.stdout.split() == [str(image.venv), "True"], inside.stderr
-
-    port = free_port()
-    server = image.server(port, tmp_path / "image.log", DBOS_SYSTEM_DATABASE_URL=pg_url)
-    with server:
-        if ci.switch_user():  # USER 10001: nothing in the container runs as root
-            processes = ci.container_processes(server)
-            assert len(processes) >= 2  # dumb-init and uvicorn
-            assert {os.stat(f"/proc/{pid}").st_uid for pid in processes} == {image.uid}
-        health = server.client.get("/healthz")
-        assert health.status_code == 200
-        assert (health.json()["status"], health.json()["database"]) == ("ok", "postgres")
-        assert health.json()["executor_id"] == "shutdown-0"
-
-        started = server.client.post("/trigger_async", params={"steps": 5, "max_n": 3})
-        assert started.status_code == 202, started.text
-        workflow_id = started.json()["workflow_id"]
-        view = wait_for(lambda: fan_out_view(server.client, workflow_id), 60, 0.2, "fan-out")
-        assert view["status"] == "SUCCESS"
-        assert view["result"] == [0, 1, 1, 2, 2]  # fib(min(i, 3)) for i in 0..4
-        assert view["progress"] == {"done": 5, "total": 5}
-        rows = query(
-            pg_url,
-            "SELECT status, executor_id FROM dbos.workflow_status "
-            "WHERE workflow_uuid = %s OR parent_workflow_id = %s",
-            workflow_id,
-            workflow_id,
-        )
-        assert sorted(rows) == [("SUCCESS", "shutdown-0")] * 6
-
-        # HEALTHCHECK, as Docker runs it inside the container.
-        check = image.run_healthcheck(port)
-        assert check.returncode == 0, check.stderr
-        # The DBOS CLI in the image finds its dbos-config.yaml and the database.
-        cli = subprocess.run(
-            image.as_user(["dbos", "workflow", "list", "--name", "fan_out"]),
-            env=image.run_env(DBOS_SYSTEM_DATABASE_URL=pg_url),
-            cwd=image.cwd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert workflow_id in cli.stdout, cli.stderr
-
-        # docker stop: SIGTERM to the container's PID 1; uvicorn stops gracefully and
-        # re-raises SIGTERM, which dumb-init reports as 128 + 15.
-        code = ci.docker_stop(server, timeout=30)
-        assert code in (0, 128 + signal.SIGTERM), server.log_text()[-2000:]
-        assert port_closed(port)
-        assert image.run_healthcheck(port).returncode != 0
-    messages = [r.get("message") for r in server.records()]  # every line is JSON
-    assert "DBOS successfully shut down" in " ".join(str(m) for m in messages)
-
-
-def test_image_stops_on_both_kinds_of_shutdown_request(
-    build: Callable[..., ci.Image], pg_url: str, tmp_path: Path
-) -> None:
-    """/shutdown from inside the container: mode=crash (SIGKILL, which the kernel
-    would drop if uvicorn were PID 1) and mode=graceful (SIGTERM) both end it."""
-    image = build()
-    log = tmp_path / "image.log"
-    env = {"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": TOKEN}
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    for mode, status in (("crash", 128 + signal.SIGKILL), ("graceful", 128 + signal.SIGTERM)):
-        port = free_port()
-        with image.server(port, log, **env) as server:
-            answer = server.client.post("/shutdown", params={"mode": mode}, headers=auth)
-            assert answer.status_code == 202, answer.text
-            assert server.wait_exit(30) == status, mode
-            assert port_closed(port)
-
-
-def test_image_composes_its_database_url_from_the_pg_variables(
-    build: Callable[..., ci.Image], pg_url: str, tmp_path: Path
-) -> None:
-    image = build()
-    assert image.env["DBOS_SYSTEM_DATABASE_URL"] == ""
-    url = make_url(pg_url)
-    overrides = {  # docker run -e PGHOST=... -e PGPORT=...: no URL given
-        "PGHOST": str(url.host),
-        "PGPORT": str(url.port),
-        "PGUSER": str(url.username),
-        "PGDATABASE": str(url.database),
-    }
-    if url.password:
-        overrides["PGPASSWORD"] = url.password
-    with image.server(free_port(), tmp_path / "image.log", **overrides) as server:
-        assert server.client.get("/healthz").json()["database"] == "postgres"
-        # DBOS made its tables in that very database, which the fixture left empty.
-        assert query(pg_url, "SELECT to_regclass('dbos.workflow_status') IS NOT NULL") == [(True,)]
-
-
-def test_image_without_the_shared_module_does_not_start(
-    build: Callable[..., ci.Image], pg_url: str, tmp_path: Path
-) -> None:
-    text = DOCKERFILE.read_text()
-    mutated = re.sub(r"^(COPY .*) common\.py", r"\1", text, count=1, flags=re.M)
-    assert mutated != text
-    image = build(mutated)
-    assert "app/common.py" not in image.copied
-    server = image.server(free_port(), tmp_path / "image.log", DBOS_SYSTEM_DATABASE_URL=pg_url)
-    with pytest.raises(AssertionError, match="server exited"):
-        server.start(ready_timeout=60)
-    server.close()
-    assert "No module named 'common'" in server.log_text()
-
-
-def test_image_without_a_runtime_package_does_not_start(
-    build: Callable[..., ci.Image], pg_url: str, tmp_path: Path
-) -> None:
-    context = tmp_path / "context"
-    context.mkdir()
-    for name in [".dockerignore", *ci.context_files(REPO)]:
-        shutil.copy(REPO / name, context / name)
-    requirements = context / "requirements-runtime.txt"
-    lines = requirements.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if not line.startswith("psycopg2-binary==")]
-    assert len(kept) == len(lines) - 1
-    requirements.write_text("".join(kept))
-    image = build(context=context)
-    server = image.server(free_port(), tmp_path / "image.log", DBOS_SYSTEM_DATABASE_URL=pg_url)
-    with pytest.raises(AssertionError, match="server exited"):
-        server.start(ready_timeout=60)
-    server.close()
-    assert "No module named 'psycopg2'" in server.log_text()
-
-
-def test_runtime_pins_install_from_wheels_on_the_images_python_3_12(tmp_path: Path) -> None:
-    """The replay runs on this machine's Python; the image has 3.12 and no compiler.
-    Both architectures python:3.12-slim ships (amd64, arm64), resolved at once."""
-    runs = {}
-    for arch in ("x86_64", "aarch64"):
-        platforms = [f"manylinux_2_{v}_{arch}" for v in (17, 24, 28, 34, 36)]
-        runs[arch] = subprocess.Popen(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet"]
-            + ["--ignore-installed", "--only-binary=:all:", "--python-version=3.12"]
-            + ["--implementation=cp", "--abi=cp312"]
-            + [f"--platform={p}" for p in [*platforms, f"manylinux2014_{arch}"]]
-            + [f"--target={tmp_path / arch}", f"--report={tmp_path / f'{arch}.json'}"]
-            + ["-r", str(REPO / "requirements-runtime.txt")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    expected = pins(REPO / "requirements-runtime.txt")
-    for arch, proc in runs.items():
-        _, stderr = proc.communicate(timeout=240)
-        assert proc.returncode == 0, f"{arch}: {stderr[-3000:]}"
-        report = json.loads((tmp_path / f"{arch}.json").read_text())
-        resolved = {
-            re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower(): i["metadata"]["version"]
-            for i in report["install"]
-        }
-        assert {name: resolved.get(name) for name in RUNTIME} == expected, arch

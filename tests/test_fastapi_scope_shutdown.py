@@ -34,8 +34,7 @@ from harness.fanout import (
 )
 from harness.proc import free_port, run_script, wait_for
 from harness.server import AppServer
-
-from fastapi_scope_shutdown import GRACE_SECONDS
+from lab.config import app_name
 
 TOKEN = "test-token-7c1d0e"  # must never show up in a log
 SCRIPT = REPO / "fastapi_scope_shutdown.py"
@@ -257,7 +256,7 @@ def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_databa
             demo.WORKER_CONCURRENCY,
             demo.QUEUE_POLLING_SEC,
         )
-        assert queues_before == [(*queue, "experiment6-shutdown")]
+        assert queues_before == [(*queue, app_name(demo.APP))]
 
         scope = run_script(
             "scope.py", "--steps", "2", "--step-seconds", "0", env=script_env(pg_url)
