@@ -232,7 +232,9 @@ def run_and_draw(
         settings = demo.settings()
         panels = []
         for executor, run in runs:
-            progress(f"{executor}: done in {run.wall:.1f} s; per executor: {run.per_executor}")
+            progress(
+                f"{executor}: done in {run.wall:.1f} s; steps per executor: {run.per_executor}"
+            )
             title = (
                 f"executor={executor}: {steps} steps (step i = fib(min(i, {max_n}))), "
                 f"{workers} worker process{'es' if workers > 1 else ''}, "
