@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from benchmarks import demo
 from benchmarks.core import Row, percentile, progress, run_probe
 from harness import REPO
-from harness.db import ScratchDatabases
+from harness.db import ScratchDatabases, query
 from harness.env import script_env
 
 
@@ -557,6 +557,49 @@ def _healthz_idle(base_url: str, count: int) -> list[float]:
     return probe.samples[:count]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far (0 once it is gone)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+class _CpuMeter:
+    """CPU seconds a fan-out costs the server process, its process pool and, on Postgres,
+    the server backends of its database (their pids from pg_stat_activity)."""
+
+    def __init__(self, server_pid: int, db_url: str, kind: str) -> None:
+        self.groups = {"server": [server_pid], "pool": _children(server_pid), "postgres": []}
+        if kind == "postgres":
+            rows = query(
+                db_url, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            self.groups["postgres"] = [int(r[0]) for r in rows]
+
+    def read(self) -> dict[str, float]:
+        return {g: sum(_cpu_seconds(p) for p in pids) for g, pids in self.groups.items()}
+
+
 def row_pool(ctx: Context, kind: str) -> list[Row]:
     """The demo's default fan-out with the process pool against threads, against the
     machine's ceiling, across two workers, and what it leaves of the service's answers."""
@@ -620,6 +663,7 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
     }.items():
         rows[rid].target_op, rows[rid].target, rows[rid].target_text = op, target, text
     rows["8f"].target_text = "— (the thread mode, for contrast)"
+    rows["8d"].unit = ""  # steps
     for row in rows.values():
         row.details["measure"] = (
             "fan-outs: first step enqueued → last step completed (system database; "
@@ -645,7 +689,14 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
             modes = ("process", "thread") if i % 2 == 0 else ("thread", "process")
             for mode in modes:
                 progress(f"{kind}: 8 one server process, executor={mode}, run {i + 1}")
+                assert one.proc is not None
+                meter = _CpuMeter(one.proc.pid, dbs[1], kind)
+                before = meter.read()
                 run = demo.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
+                after = meter.read()
+                rows["8a"].details.setdefault(f"cpu_seconds_{mode}", []).append(
+                    {g: round(after[g] - before[g], 3) for g in after}
+                )
                 # SQLite stamps created_at in whole seconds: there, trigger → done.
                 spans[mode] = run.span if kind == "postgres" else run.wall
             for mode in modes:
@@ -661,6 +712,12 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
             plain = _plain_pool(steps, max_n, cores)
             rows["8a"].add(spans["thread"], spans["process"])
             rows["8b"].add(plain, spans["process"])
+            # On `cores` cores the fan-out cannot end before all its CPU work is done:
+            # fib in the pool plus the service's own (server process, database backends).
+            used = rows["8a"].details["cpu_seconds_process"][-1]
+            floor = sum(used.values()) / cores
+            rows["8b"].details.setdefault("cpu_floor_s", []).append(round(floor, 3))
+            rows["8b"].details.setdefault("plain_vs_cpu_floor", []).append(round(plain / floor, 3))
             p95_idle = percentile(idle, 95)
             rows["8e"].add(percentile(health["process"], 95), p95_idle)
             rows["8f"].add(percentile(health["thread"], 95), p95_idle)
@@ -672,7 +729,7 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
                 rows["8c"].add(plain, run2.span)  # Postgres only
                 counts = sorted(run2.per_executor.values())
                 fewer = counts[0] if len(counts) == 2 else 0
-                rows["8d"].add(max(fewer, 1e-9), float(steps))
+                rows["8d"].add(float(max(fewer, 1e-9)), float(steps))
                 rows["8d"].details.setdefault("steps_per_executor", []).append(run2.per_executor)
     finally:
         for server in servers:
