@@ -238,7 +238,7 @@ def test_a_bad_fib_processes_fails_fast_with_one_line(tmp_path: Path, value: str
 def test_crash_leaves_no_process_and_the_recovered_fan_out_keeps_its_mode(
     pg_url: str, tmp_path: Path, executor: str
 ) -> None:
-    steps, max_n = 40, 31
+    steps, max_n = 48, 32  # 16 steps of fib(32): seconds of work left when the crash lands
     server = server_for(tmp_path, pg_url, "first").start()
     try:
         assert server.proc is not None
