@@ -119,8 +119,13 @@ def stop(timeout: float = STOP_TIMEOUT_SEC) -> None:
     """End the pool at once: cancel queued calls, kill the processes, reap them.
 
     Call it after ``DBOS.destroy``: a step whose computation is cut off here can no
-    longer record anything, so it runs again on recovery. (``shutdown(wait=True)``
-    would instead wait for every running computation, however long.)
+    longer record anything, so it runs again on recovery (DBOS logs "Exception
+    encountered in background workflow ... System database accessed before DBOS was
+    launched" for it: the failure is not recorded). ``shutdown(wait=True)`` would
+    instead wait for every running computation, however long.
+
+    Not handled: a pool process killed from outside while the service runs (the OOM
+    killer, say) breaks the pool; every step then waiting fails, and that is recorded.
     """
     global _executor, _warm_up
     executor, _executor, _warm_up = _executor, None, []
