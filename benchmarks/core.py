@@ -70,6 +70,7 @@ class Row:
     details: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
     error: str | None = None
+    unit: str = "s"  # of a_values and b_values: "s" (seconds) or "" (counts)
 
     def add(self, a: float, b: float) -> None:
         if a <= 0 or b <= 0:
@@ -117,8 +118,9 @@ def table(rows: list[Row]) -> str:
             reason = row.skipped or f"ERROR: {row.error}" or "no measurement"
             cells = (row.id, row.db, row.what, reason, "", "", "", row.target_text, "—")
         else:
-            a = f"{row.a_label} {fmt_seconds(median(row.a_values))}"
-            b = f"{row.b_label} {fmt_seconds(median(row.b_values))}"
+            fmt = fmt_seconds if row.unit == "s" else (lambda v: f"{v:g}")
+            a = f"{row.a_label} {fmt(median(row.a_values))}"
+            b = f"{row.b_label} {fmt(median(row.b_values))}"
             spread = f"{_fmt_ratio(min(row.ratios))}–{_fmt_ratio(max(row.ratios))}"
             met = {True: "yes", False: "**no**", None: "—"}[row.met]
             cells = (

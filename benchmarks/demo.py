@@ -136,11 +136,17 @@ def server(
 
 
 def run_fan_out(
-    server: AppServer, db_url: str, steps: int, max_n: int, timeout: float = 600
+    server: AppServer,
+    db_url: str,
+    steps: int,
+    max_n: int,
+    timeout: float = 600,
+    executor: str | None = None,
 ) -> FanOut:
-    """Trigger one fan-out and wait for it (in the database)."""
+    """Trigger one fan-out (``executor``: process, the demo's default, or thread) and
+    wait for it (in the database)."""
     t0 = time.perf_counter()
-    wf = ShutdownClient(server.client).trigger(steps, max_n)
+    wf = ShutdownClient(server.client).trigger(steps, max_n, executor=executor)
     wait_done(db_url, wf, timeout)
     wall = time.perf_counter() - t0
     return FanOut(

@@ -288,25 +288,33 @@ def probe_threads(p: dict[str, Any]) -> dict[str, Any]:
     _register(q)
     units, n = p["units"], p["fib"]
     time.sleep(q["polling"] * 1.1)
-    out: dict[str, list[float]] = {"sequential": [], "threads": [], "idle": [], "busy": []}
+    out: dict[str, Any] = {"sequential": [], "threads": [], "idle": [], "busy": []}
     for _ in range(p["repeats"]):
         out["sequential"].append(_timed(lambda: cpu_direct(units, n)))
         out["threads"].append(_timed(lambda: cpu_fan_out(q["name"], units, n, q["result_poll"])))
-    # Row 4d: what CPU-bound threads do to the one thread that talks to the database.
-    # A queue that nobody polls during the measurement: only the enqueue is timed.
+    # Rows 4d and 4e: what a busy fan-out does to the one thread that talks to the
+    # database: step threads waiting on the demo's process pool (4d), or computing
+    # themselves (4e). A queue nobody polls during the measurement: only the enqueue is timed.
     DBOS.register_queue("bench-convoy", polling_interval_sec=3600)
-    out["idle"] = enqueue_only(p["enqueues"], 0)
-    out["busy"] = enqueue_only(p["enqueues"], p["busy_threads"])
+    from lab import pool
+
+    pool.start(pool.usable_cores())
+    out["pool_processes"] = len(pool.ready())
+    out["idle"] = enqueue_only(p["enqueues"], 0, False, 0)
+    out["busy_pool"] = enqueue_only(p["enqueues"], p["busy_threads"], True, p["busy_fib"])
+    out["busy"] = enqueue_only(p["enqueues"], p["busy_threads"], False, p["busy_fib"])
+    pool.stop()
     DBOS.destroy()
     return out
 
 
 @DBOS.workflow()
-def enqueue_only(n: int, busy_threads: int) -> list[float]:
-    """Seconds each of ``n`` enqueues takes while ``busy_threads`` threads compute."""
+def enqueue_only(n: int, busy_threads: int, in_pool: bool, fib_n: int) -> list[float]:
+    """Seconds each of ``n`` enqueues takes while ``busy_threads`` threads compute
+    ``fib(fib_n)`` over and over, themselves or (``in_pool``) in the process pool."""
     times = []
     # Started inside the workflow: its own start and end are not part of the figure.
-    with _busy_threads(busy_threads):
+    with _busy_threads(busy_threads, in_pool, fib_n):
         for i in range(n):
             t0 = time.perf_counter()
             DBOS.enqueue_workflow("bench-convoy", noop_step, i)
@@ -315,13 +323,19 @@ def enqueue_only(n: int, busy_threads: int) -> list[float]:
 
 
 @contextmanager
-def _busy_threads(count: int) -> Iterator[None]:
-    """``count`` plain threads computing Fibonacci numbers (what running CPU steps do)."""
+def _busy_threads(count: int, in_pool: bool = False, fib_n: int = 18) -> Iterator[None]:
+    """``count`` plain threads computing Fibonacci numbers, as running CPU steps do: in
+    the thread, or handed to the process pool (lab/pool.py) and waited for."""
     stop = threading.Event()
 
     def spin() -> None:
+        from lab import pool
+
         while not stop.is_set():
-            fib(18)
+            if in_pool:
+                pool.run(fib, fib_n)
+            else:
+                fib(fib_n)
 
     threads = [threading.Thread(target=spin, daemon=True) for _ in range(count)]
     for t in threads:

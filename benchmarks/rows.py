@@ -6,13 +6,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks import demo
 from benchmarks.core import Row, percentile, progress, run_probe
 from harness import REPO
-from harness.db import ScratchDatabases
+from harness.db import ScratchDatabases, query
 from harness.env import script_env
 
 
@@ -37,6 +38,9 @@ class Sizes:
     cpu_units: int  # rows 4a and 6: steps of the demo's fan-out
     cpu_seconds: float  # rows 4a and 6: its CPU work, in seconds of one core (sets max_n)
     server_repeats: int  # rows 4a and 6: fan-outs per configuration
+    pool_repeats: int  # rows 8: default fan-outs per mode and layout
+    pool_fan_out: tuple[int, int] | None  # rows 8: (steps, max_n); None: the demo's defaults
+    health_idle: int  # rows 8e, 8f: /healthz requests on the idle server
     http_pairs: int  # row 5: (no-op, trigger) request pairs
     http_blocks: int  # row 5: the pairs are cut into blocks, one ratio each
     startup_repeats: int  # row 7
@@ -64,6 +68,9 @@ SIZES = {
         http_pairs=500,
         http_blocks=5,
         startup_repeats=7,
+        pool_repeats=5,
+        pool_fan_out=None,
+        health_idle=60,
     ),
     "quick": Sizes(
         repeats=5,
@@ -86,6 +93,9 @@ SIZES = {
         http_pairs=200,
         http_blocks=4,
         startup_repeats=3,
+        pool_repeats=3,
+        pool_fan_out=None,
+        health_idle=40,
     ),
     # For the test suite: every code path with tiny sizes; the figures mean nothing.
     "smoke": Sizes(
@@ -109,6 +119,9 @@ SIZES = {
         http_pairs=6,
         http_blocks=2,
         startup_repeats=1,
+        pool_repeats=1,
+        pool_fan_out=(20, 20),
+        health_idle=5,
     ),
 }
 
@@ -226,8 +239,8 @@ def row_workers(ctx: Context, kind: str) -> list[Row]:
     cpu = demo.fan_out_cpu_seconds(units, max_n)
     row = Row(
         "4a",
-        f"CPU-bound demo fan-out ({units} steps, max_n {max_n}, ~{cpu:.1f} CPU-s): "
-        "1 worker process vs 2",
+        f"CPU-bound demo fan-out, executor=thread ({units} steps, max_n {max_n}, "
+        f"~{cpu:.1f} CPU-s): 1 worker process vs 2",
         kind,
         "1 worker",
         "2 workers",
@@ -251,7 +264,9 @@ def row_workers(ctx: Context, kind: str) -> list[Row]:
             runs = {}
             for workers, server in ((1, one), (2, two)) if i % 2 == 0 else ((2, two), (1, one)):
                 progress(f"{kind}: 4a {workers} worker(s), run {i + 1}/{s.server_repeats}")
-                runs[workers] = demo.run_fan_out(server, dbs[workers], units, max_n)
+                runs[workers] = demo.run_fan_out(
+                    server, dbs[workers], units, max_n, executor="thread"
+                )
             row.add(runs[1].span, runs[2].span)
             for workers, run in runs.items():
                 row.details.setdefault(f"executors_{workers}", []).append(run.per_executor)
@@ -309,6 +324,9 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
             "repeats": s.threads_repeats,
             "enqueues": s.convoy_enqueues,
             "busy_threads": s.convoy_threads or demo_settings.queue_concurrency,
+            # Each busy thread's unit of work: a step of the demo's default fan-out
+            # computes up to fib(30); a smaller unit keeps the threads turning over.
+            "busy_fib": 24 if s.convoy_threads is None else 18,
             "queue": {
                 "name": "bench-threads",
                 "polling": poll,
@@ -330,17 +348,27 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
     row.target_text = "≈ 1.0 expected (the GIL)"
     row.details["fib"] = n
     busy = s.convoy_threads or demo_settings.queue_concurrency
-    convoy = Row(
+    pooled = Row(
         "4d",
+        f"one enqueue while {busy} step threads wait on the demo's process pool "
+        f"({r['pool_processes']} processes, busy) vs idle",
+        kind,
+        "busy",
+        "idle",
+    )
+    pooled.target_op, pooled.target, pooled.target_text = "<=", 10.0, "≤ 10"
+    convoy = Row(
+        "4e",
         f"one enqueue while {busy} CPU-bound threads run in the process vs idle (the GIL)",
         kind,
         "busy",
         "idle",
     )
-    for b, i in zip(r["busy"], r["idle"], strict=True):
+    for b, p, i in zip(r["busy"], r["busy_pool"], r["idle"], strict=True):
         convoy.add(b, i)
-    convoy.target_text = "— (explains 4a)"
-    return [row, convoy]
+        pooled.add(p, i)
+    convoy.target_text = "— (explains 4a; the thread mode)"
+    return [row, pooled, convoy]
 
 
 # --- 5. HTTP trigger vs no-op ----------------------------------------------------------------
@@ -453,6 +481,266 @@ def row_startup(ctx: Context, kind: str) -> list[Row]:
     return [row]
 
 
+# --- 8. the process pool ------------------------------------------------------------------
+
+
+_PLAIN_POOL = """
+import multiprocessing, sys, time
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+if __name__ == "__main__":
+    steps, max_n, size = map(int, sys.argv[1:])
+    # fork: this process has no other thread, and a -c program cannot be re-imported.
+    with multiprocessing.get_context("fork").Pool(size) as pool:
+        pool.map(abs, range(size))  # every process up
+        t0 = time.perf_counter()
+        pool.map(fib, [min(i, max_n) for i in range(steps)], chunksize=1)
+        print(time.perf_counter() - t0)
+"""
+
+
+def _plain_pool(steps: int, max_n: int, size: int) -> float:
+    """The machine's ceiling for the demo's fan-out: the same fib calls, in order, on a
+    plain multiprocessing pool of ``size`` processes (no DBOS, no HTTP, no database)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAIN_POOL, str(steps), str(max_n), str(size)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+class _HealthProbe:
+    """``GET /healthz`` every ``every`` seconds at most (one at a time, on a connection of
+    its own, in a thread) until stopped: the latency of each answer, whatever its status,
+    while something else runs. Paced like a health checker, not a load test."""
+
+    def __init__(self, base_url: str, every: float = 0.05) -> None:
+        import threading
+
+        import httpx
+
+        self.every = every
+        self.samples: list[float] = []
+        self.statuses: Counter[int] = Counter()
+        self._stop = threading.Event()
+        self._client = httpx.Client(base_url=base_url, timeout=30)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            status = self._client.get("/healthz").status_code
+            elapsed = time.perf_counter() - t0
+            self.samples.append(elapsed)
+            self.statuses[status] += 1
+            self._stop.wait(max(0.0, self.every - elapsed))
+
+    def __enter__(self) -> _HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self._client.close()
+
+
+def _healthz_idle(base_url: str, count: int) -> list[float]:
+    """``count`` answers of the idle server, paced as ``_HealthProbe`` paces them."""
+    with _HealthProbe(base_url) as probe:
+        deadline = time.monotonic() + 120
+        while len(probe.samples) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return probe.samples[:count]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far (0 once it is gone)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+class _CpuMeter:
+    """CPU seconds a fan-out costs the server process, its process pool and, on Postgres,
+    the server backends of its database (their pids from pg_stat_activity)."""
+
+    def __init__(self, server_pid: int, db_url: str, kind: str) -> None:
+        self.groups = {"server": [server_pid], "pool": _children(server_pid), "postgres": []}
+        if kind == "postgres":
+            rows = query(
+                db_url, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            self.groups["postgres"] = [int(r[0]) for r in rows]
+
+    def read(self) -> dict[str, float]:
+        return {g: sum(_cpu_seconds(p) for p in pids) for g, pids in self.groups.items()}
+
+
+def row_pool(ctx: Context, kind: str) -> list[Row]:
+    """The demo's default fan-out with the process pool against threads, against the
+    machine's ceiling, across two workers, and what it leaves of the service's answers."""
+    from lab.pool import usable_cores
+
+    s = ctx.sizes
+    app = demo.shutdown_app
+    steps, max_n = s.pool_fan_out or (app.DEFAULT_STEPS, app.DEFAULT_MAX_N)
+    cores = usable_cores()
+    cpu = demo.fan_out_cpu_seconds(steps, max_n)
+    what = f"{steps} steps, max_n {max_n}, ~{cpu:.1f} CPU-s"
+    rows = {
+        "8a": Row(
+            "8a",
+            f"default fan-out ({what}) in one server process: threads vs process pool "
+            f"({cores} processes)",
+            kind,
+            "threads",
+            "pool",
+        ),
+        "8b": Row(
+            "8b",
+            f"the same fib calls on a plain multiprocessing pool ({cores} processes, no DBOS) "
+            "vs the demo's pool, one server process",
+            kind,
+            "plain",
+            "demo",
+        ),
+        "8c": Row(
+            "8c",
+            "the same fib calls on a plain multiprocessing pool vs the demo's pool, WORKERS=2",
+            kind,
+            "plain",
+            "demo",
+        ),
+        "8d": Row(
+            "8d",
+            "WORKERS=2 with the pool: the smaller worker's steps vs all steps (step rows' "
+            "executor_id)",
+            kind,
+            "fewer",
+            "all",
+        ),
+        "8e": Row(
+            "8e",
+            "GET /healthz p95 while the fan-out runs vs idle: process pool",
+            kind,
+            "busy",
+            "idle",
+        ),
+        "8f": Row(
+            "8f", "GET /healthz p95 while the fan-out runs vs idle: threads", kind, "busy", "idle"
+        ),
+    }
+    for rid, (op, target, text) in {
+        "8a": (">=", 1.6, "≥ 1.6"),
+        "8b": (">=", 0.75, "≥ 0.75"),
+        "8c": (">=", 0.75, "≥ 0.75"),
+        "8d": (">=", 0.30, "≥ 0.30"),
+        "8e": ("<=", 5.0, "≤ 5"),
+    }.items():
+        rows[rid].target_op, rows[rid].target, rows[rid].target_text = op, target, text
+    rows["8f"].target_text = "— (the thread mode, for contrast)"
+    rows["8d"].unit = ""  # steps
+    for row in rows.values():
+        row.details["measure"] = (
+            "fan-outs: first step enqueued → last step completed (system database; "
+            "on SQLite, whose created_at has whole seconds: trigger sent → fan-out done); "
+            "plain pool: the map call, processes already up"
+        )
+    two_workers = kind == "postgres"
+    dbs = {1: ctx.fresh_db(kind, "pool1")}
+    one = demo.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
+    servers = [one]
+    if two_workers:
+        dbs[2] = ctx.fresh_db(kind, "pool2")
+        servers.append(demo.server(dbs[2], workers=2, log_dir=ctx.dbs.directory))
+    try:
+        for server in servers:
+            server.start()
+        time.sleep(1)  # every worker's queue poller is up
+        demo.run_fan_out(one, dbs[1], 10, 10)  # warm: connections, the pool's first tasks
+        idle = _healthz_idle(one.base_url, s.health_idle)
+        for i in range(s.pool_repeats):
+            spans: dict[str, float] = {}
+            health: dict[str, list[float]] = {}
+            modes = ("process", "thread") if i % 2 == 0 else ("thread", "process")
+            for mode in modes:
+                progress(f"{kind}: 8 one server process, executor={mode}, run {i + 1}")
+                assert one.proc is not None
+                meter = _CpuMeter(one.proc.pid, dbs[1], kind)
+                before = meter.read()
+                run = demo.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
+                after = meter.read()
+                rows["8a"].details.setdefault(f"cpu_seconds_{mode}", []).append(
+                    {g: round(after[g] - before[g], 3) for g in after}
+                )
+                # SQLite stamps created_at in whole seconds: there, trigger → done.
+                spans[mode] = run.span if kind == "postgres" else run.wall
+            for mode in modes:
+                # A fan-out of its own: the probe's requests are not in the spans above.
+                progress(f"{kind}: 8 /healthz during a fan-out, executor={mode}, run {i + 1}")
+                with _HealthProbe(one.base_url) as probe:
+                    demo.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
+                health[mode] = probe.samples
+                rows["8e" if mode == "process" else "8f"].details.setdefault("statuses", []).append(
+                    dict(probe.statuses)
+                )
+            progress(f"{kind}: 8 plain multiprocessing pool, run {i + 1}")
+            plain = _plain_pool(steps, max_n, cores)
+            rows["8a"].add(spans["thread"], spans["process"])
+            rows["8b"].add(plain, spans["process"])
+            # On `cores` cores the fan-out cannot end before all its CPU work is done:
+            # fib in the pool plus the service's own (server process, database backends).
+            used = rows["8a"].details["cpu_seconds_process"][-1]
+            floor = sum(used.values()) / cores
+            rows["8b"].details.setdefault("cpu_floor_s", []).append(round(floor, 3))
+            rows["8b"].details.setdefault("plain_vs_cpu_floor", []).append(round(plain / floor, 3))
+            p95_idle = percentile(idle, 95)
+            rows["8e"].add(percentile(health["process"], 95), p95_idle)
+            rows["8f"].add(percentile(health["thread"], 95), p95_idle)
+            for rid, mode in (("8e", "process"), ("8f", "thread")):
+                rows[rid].details.setdefault("samples_busy", []).append(len(health[mode]))
+            if two_workers:
+                progress(f"{kind}: 8 WORKERS=2, executor=process, run {i + 1}")
+                run2 = demo.run_fan_out(servers[1], dbs[2], steps, max_n, executor="process")
+                rows["8c"].add(plain, run2.span)  # Postgres only
+                counts = sorted(run2.per_executor.values())
+                fewer = counts[0] if len(counts) == 2 else 0
+                rows["8d"].add(float(max(fewer, 1e-9)), float(steps))
+                rows["8d"].details.setdefault("steps_per_executor", []).append(run2.per_executor)
+    finally:
+        for server in servers:
+            server.close()
+    rows["8e"].details["idle_samples"] = len(idle)
+    if not two_workers:
+        for rid in ("8c", "8d"):
+            rows[rid] = Row(rid, rows[rid].what, kind, skipped="needs Postgres (WORKERS=2)")
+    return list(rows.values())
+
+
 # Row groups: id, databases it runs on, function, and its rows (id, title) for when a
 # group is skipped or fails, so the table still shows every row.
 ROWS: list[tuple[str, tuple[str, ...], RowFn]] = [
@@ -464,6 +752,7 @@ ROWS: list[tuple[str, tuple[str, ...], RowFn]] = [
     ("5", BOTH, row_http),
     ("6", BOTH, row_recovery),
     ("7", BOTH, row_startup),
+    ("8", BOTH, row_pool),
 ]
 
 ROW_TITLES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -479,7 +768,8 @@ ROW_TITLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "4b": (
         ("4b", "CPU-bound fan-out in one process: sequential vs threads"),
-        ("4d", "one enqueue while CPU-bound threads run vs idle"),
+        ("4d", "one enqueue while step threads wait on the process pool vs idle"),
+        ("4e", "one enqueue while CPU-bound threads run vs idle"),
     ),
     "5": (
         ("5a", "POST /trigger_async vs no-op route: median latency"),
@@ -490,4 +780,12 @@ ROW_TITLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("6b", "recovery: DBOS initialised → done vs remaining, uninterrupted"),
     ),
     "7": (("7", "start-up: scope.py vs import dbos"),),
+    "8": (
+        ("8a", "default fan-out, one server process: threads vs process pool"),
+        ("8b", "plain multiprocessing pool vs the demo's pool, one server process"),
+        ("8c", "plain multiprocessing pool vs the demo's pool, WORKERS=2"),
+        ("8d", "WORKERS=2, pool: the smaller worker's steps vs all steps"),
+        ("8e", "GET /healthz p95 during a fan-out vs idle: process pool"),
+        ("8f", "GET /healthz p95 during a fan-out vs idle: threads"),
+    ),
 }

@@ -7,6 +7,7 @@
     # on the server of --db or DBOS_SYSTEM_DATABASE_URL, dropped afterwards unless
     # --keep-db; SQLite: in the file itself):
     python -m benchmarks.timeline --workers 2 --steps 100 --max-n 28 --out timeline-2-workers.png
+    # (--executor process|thread|both, default both: a fan-out in each mode, side by side)
 
 Top panel: one bar per step workflow (a child of the fan-out, in enqueue order),
 a thin grey line while it waits in the queue (enqueued → dequeued) and a thick
@@ -24,6 +25,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks import demo
 from benchmarks.core import progress
@@ -99,9 +101,36 @@ def load(db_url: str, workflow_id: str) -> FanOutRecord:
 
 
 def draw(record: FanOutRecord, out: Path, title: str, limit: int | None = None) -> None:
+    """One fan-out: the steps above, how many ran at once below."""
+    draw_side_by_side([(record, title)], out, limit)
+
+
+def draw_side_by_side(
+    panels: list[tuple[FanOutRecord, str]], out: Path, limit: int | None = None
+) -> None:
+    """Fan-outs next to each other (one column each), on the same time scale."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        2,
+        len(panels),
+        figsize=(11 * len(panels), 7.5),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
+    for column, (record, title) in enumerate(panels):
+        _draw_panel(record, title, limit, axes[0][column], axes[1][column])
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110 if len(panels) == 1 else 80)
+    plt.close(fig)
+
+
+def _draw_panel(record: FanOutRecord, title: str, limit: int | None, top: Any, bottom: Any) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
@@ -112,9 +141,6 @@ def draw(record: FanOutRecord, out: Path, title: str, limit: int | None = None) 
     palette = plt.get_cmap("tab10")
     colour = {x: palette(i % 10) for i, x in enumerate(executors)}
     n = len(record.units)
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(11, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
     bar_height = 0.8 if n <= 60 else 1.0
     for i, u in enumerate(record.units):
         if u.started is not None:
@@ -176,14 +202,16 @@ def draw(record: FanOutRecord, out: Path, title: str, limit: int | None = None) 
     bottom.set_xlabel("seconds since the fan-out workflow was created")
     bottom.grid(axis="y", alpha=0.3)
     top.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def run_and_draw(
-    server_url: str, workers: int, steps: int, max_n: int, out: Path, keep_db: bool
+    server_url: str,
+    workers: int,
+    steps: int,
+    max_n: int,
+    out: Path,
+    keep_db: bool,
+    executors: tuple[str, ...] = ("process", "thread"),
 ) -> None:
 
     postgres = server_url.startswith("postgres")
@@ -197,20 +225,27 @@ def run_and_draw(
             import time
 
             time.sleep(2)
-            progress(f"fan-out of {steps} steps, max_n {max_n}")
-            run = demo.run_fan_out(server, url, steps, max_n)
-        progress(f"done in {run.wall:.1f} s; steps per executor: {run.per_executor}")
-        record = load(url, run.workflow_id)
+            runs = []
+            for executor in executors:
+                progress(f"fan-out of {steps} steps, max_n {max_n}, executor={executor}")
+                runs.append((executor, demo.run_fan_out(server, url, steps, max_n, 600, executor)))
         settings = demo.settings()
-        title = (
-            f"Shutdown demo fan-out: {steps} steps (step i = fib(min(i, {max_n}))), "
-            f"{workers} worker process{'es' if workers > 1 else ''}, "
-            f"queue limit {settings.queue_concurrency}\n"
-            f"enqueueing took {run.enqueue_span:.1f} s; first enqueue → last step done "
-            f"{run.span:.1f} s; steps per executor: "
-            + ", ".join(f"{x} {c}" for x, c in sorted(run.per_executor.items()))
-        )
-        draw(record, out, title, limit=settings.queue_concurrency)
+        panels = []
+        for executor, run in runs:
+            progress(
+                f"{executor}: done in {run.wall:.1f} s; steps per executor: {run.per_executor}"
+            )
+            title = (
+                f"executor={executor}: {steps} steps (step i = fib(min(i, {max_n}))), "
+                f"{workers} worker process{'es' if workers > 1 else ''}, "
+                f"queue limit {settings.queue_concurrency}\n"
+                f"enqueueing took {run.enqueue_span:.1f} s; first enqueue → last step done "
+                f"{run.span:.1f} s; steps per executor: "
+                + ", ".join(f"{x} {c}" for x, c in sorted(run.per_executor.items()))
+            )
+            panels.append((load(url, run.workflow_id), title))
+        # One time scale for all: the longer run sets it.
+        draw_side_by_side(panels, out, limit=settings.queue_concurrency)
         progress(f"wrote {out}")
         if keep_db and postgres:
             dbs.keep(url)
@@ -228,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="run a fan-out on the demo with N workers")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--max-n", type=int, default=28)
+    parser.add_argument(
+        "--executor",
+        choices=("process", "thread", "both"),
+        default="both",
+        help="run mode: where the steps compute (both: one fan-out each, side by side)",
+    )
     parser.add_argument(
         "--limit",
         type=int,
@@ -254,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers > 1 and not db.startswith("postgres"):
         parser.error("several workers need Postgres (--db postgresql://...)")
-    run_and_draw(db, args.workers, args.steps, args.max_n, args.out, args.keep_db)
+    executors = ("process", "thread") if args.executor == "both" else (args.executor,)
+    run_and_draw(db, args.workers, args.steps, args.max_n, args.out, args.keep_db, executors)
     return 0
 
 

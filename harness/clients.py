@@ -123,15 +123,21 @@ class CacheClient(WorkflowsClient):
 class ShutdownClient(WorkflowsClient):
     """fastapi_scope_shutdown.py: the Fibonacci fan-out, /healthz, /shutdown."""
 
-    def trigger_async(self, steps: int, max_n: int, timeout: float | None = None) -> httpx.Response:
-        params = {"steps": steps, "max_n": max_n}
+    def trigger_async(
+        self, steps: int, max_n: int, timeout: float | None = None, executor: str | None = None
+    ) -> httpx.Response:
+        params: dict[str, Any] = {"steps": steps, "max_n": max_n}
+        if executor is not None:
+            params["executor"] = executor  # process (the demo's default) or thread
         if timeout is None:
             return self.http.post("/trigger_async", params=params)
         return self.http.post("/trigger_async", params=params, timeout=timeout)
 
-    def trigger(self, steps: int, max_n: int, timeout: float | None = None) -> str:
+    def trigger(
+        self, steps: int, max_n: int, timeout: float | None = None, executor: str | None = None
+    ) -> str:
         """Start a fan-out (202, a running or finished status): its workflow id."""
-        answer = self.trigger_async(steps, max_n, timeout)
+        answer = self.trigger_async(steps, max_n, timeout, executor)
         assert answer.status_code == 202, f"trigger answered {answer.status_code}: {answer.text}"
         body = answer.json()
         assert body["status"] in ("PENDING", "ENQUEUED", "SUCCESS"), body

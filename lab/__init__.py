@@ -9,4 +9,6 @@ views    the shared ``GET /workflows/{id}`` answer
 slots    executor slots: one executor id per live process (Postgres advisory locks)
 health   the ``/healthz`` database check
 signals  stopping a server gracefully, crashing it, or crashing a script
+pool     a process pool owned by a service, for CPU-bound steps: its lifecycle and
+         the guard that ends its processes when the service dies
 """

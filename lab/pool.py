@@ -33,6 +33,7 @@ Lifecycle, for every way a service stops:
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -118,8 +119,13 @@ def stop(timeout: float = STOP_TIMEOUT_SEC) -> None:
     """End the pool at once: cancel queued calls, kill the processes, reap them.
 
     Call it after ``DBOS.destroy``: a step whose computation is cut off here can no
-    longer record anything, so it runs again on recovery. (``shutdown(wait=True)``
-    would instead wait for every running computation, however long.)
+    longer record anything, so it runs again on recovery (DBOS logs "Exception
+    encountered in background workflow ... System database accessed before DBOS was
+    launched" for it: the failure is not recorded). ``shutdown(wait=True)`` would
+    instead wait for every running computation, however long.
+
+    Not handled: a pool process killed from outside while the service runs (the OOM
+    killer, say) breaks the pool; every step then waiting fails, and that is recorded.
     """
     global _executor, _warm_up
     executor, _executor, _warm_up = _executor, None, []
@@ -127,8 +133,17 @@ def stop(timeout: float = STOP_TIMEOUT_SEC) -> None:
         return
     # ProcessPoolExecutor has no public way to end its processes before Python 3.14.
     processes = list((getattr(executor, "_processes", None) or {}).values())
+    manager = getattr(executor, "_executor_manager_thread", None)
     executor.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.kill()
     for proc in processes:
         proc.join(timeout)
+    # The executor's manager thread sees its processes gone, fails what still waited,
+    # and lets go of the queues: once it has ended, their semaphores can be released
+    # now rather than be reported as leaked by multiprocessing's resource tracker
+    # (uvicorn ends on a re-raised SIGTERM, without running exit handlers).
+    if manager is not None:
+        manager.join(timeout)
+    del executor, processes, manager
+    gc.collect()

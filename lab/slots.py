@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,8 +52,6 @@ class ExecutorSlots:
         self._url = ""
         self._stop = threading.Event()
         self._adopter: threading.Thread | None = None
-        # time.monotonic() of the database's last answer to the watchdog
-        self.db_answered_at: float | None = None
 
     def executor_id(self, slot: int) -> str:
         return f"{self.app}-{slot}"
@@ -149,7 +146,6 @@ class ExecutorSlots:
             try:
                 with self._holder.cursor() as cur:
                     cur.execute("SELECT 1")
-                self.db_answered_at = time.monotonic()
                 continue
             except Exception:  # noqa: BLE001 - the session is gone, and the lock with it
                 pass

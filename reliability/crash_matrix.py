@@ -26,8 +26,9 @@ Kill moments
     the same fan-out measured first (trigger to SUCCESS). The first trial instead waits
     until 3 of the big step bodies (``fib(max_n)``) have started, then kills after a random
     extra 0-0.25 s: so every matrix has at least one kill with steps surely in flight.
-    In one process the 50 step threads starve the fan-out's own enqueueing loop (one
-    GIL), so on a loaded machine steps run while the fan-out is still enqueueing.
+    The fan-out runs in the demo's default mode (``executor=process``): step threads
+    wait on the service's process pool, so the fan-out's enqueueing loop is not starved
+    (with ``executor=thread``, 50 step threads sharing one GIL starved it for seconds).
     scope.py: ``k`` is uniform in ``1..steps`` (``1..steps-1`` for the first trial),
     the extra delay uniform within one step.
     Trial ``i`` draws from ``random.Random(seed + i)``, the seed being the run's
@@ -63,7 +64,7 @@ Figures (``area = crash``; the same set for both workloads, prefixed ``fan-out:`
                                   promise "all": DBOS re-runs only a step that was running
                                   when the process died. The converse does not hold: a
                                   PENDING step whose thread had not reached the body yet
-                                  (50 threads, one GIL) runs once.
+                                  (dequeued, not yet dispatched) runs once.
     re-executed bodies NOT in flight at the kill
                                   promise "0": a body that ran twice although its output
                                   was recorded (or it had not started) at the kill.
@@ -240,8 +241,9 @@ def fan_out_trial(
         trial.workflow_id = workflow_id = _trigger(first, steps, max_n)
         triggered = time.monotonic()
         if forced:
-            # Some big step bodies started (the ledger), then a short random extra delay:
-            # each takes seconds while 50 threads share one GIL, so they are still running.
+            # Some big step bodies started (the ledger: handed to the process pool), then a
+            # short random extra delay: the pool computes them a few at a time, so they are
+            # still running.
             # (A PENDING status alone is not enough: on a loaded machine a dequeued step's
             # thread can take seconds to reach the body.)
             wait_for(

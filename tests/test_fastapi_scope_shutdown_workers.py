@@ -72,10 +72,8 @@ def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
     pg_url: str, tmp_path: Path
 ) -> None:
     # 39 steps of fib(32), ~0.55 s of CPU each, enqueued last: once the fan-out has
-    # enqueued every step, seconds of work are left, so steps are still running when the
-    # crash request gets through a busy worker. (Crashing while the fan-out still
-    # enqueues can land in a gap: its enqueue loop starves behind the running steps, and
-    # they may all finish before it enqueues the next one.)
+    # enqueued every step, seconds of work are left in the workers' process pools, so
+    # steps are still running when the crash request gets through.
     steps, max_n = 71, 32
     server = app_server(tmp_path, pg_url, "first", workers=2).start()
     try:
