@@ -3,9 +3,10 @@
 - ``GET /workflows/{id}``'s ``progress.done`` counts the fan-out's children in SUCCESS:
   every read lies between two counts of SUCCESS children taken around it, and is below
   ``total`` while children exist that have not finished.
-- The queue runs at most 50 steps at once, and does run 50: with more than 50 of the
-  demo's steps waiting, exactly 50 hold a queue slot at once (dequeued, not yet ended),
-  and no more than 50 step bodies ever run at once.
+- The queue's two limits, both reached: with more workers than 50 / 12 and more than
+  50 of the demo's steps waiting, the most steps holding a queue slot at once (dequeued,
+  not yet ended) is exactly QUEUE_CONCURRENCY (50) across all workers, and at most
+  WORKER_CONCURRENCY (12) per executor, which one executor reaches.
 - ``/healthz`` asks the database: with the server's Postgres stopped it answers 503
   with the reason, and 200 again once the database is back.
 
@@ -100,25 +101,35 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
     assert any(r[1] > 0 for r in during), reads
 
 
-# --- item 3: the 50-way limit, reached ---------------------------------------------
+# --- item 3: the 50-way limit and the per-worker limit, reached ---------------------
+
+# Enough workers that their own limits add up to more than the queue's: only the
+# queue-wide limit can then stop a 51st step.
+WORKERS = demo.QUEUE_CONCURRENCY // demo.WORKER_CONCURRENCY + 1
+# As many steps as all workers could hold together (more than the queue allows), each
+# long enough to overlap the others (fib(31): ~0.3 s of CPU, 60 of them ~20 s; with
+# fib(30) the slots freed and re-claimed around a dequeue often kept the peak at 48-49).
+UNITS, N = WORKERS * demo.WORKER_CONCURRENCY, 31
+# Seconds from the first enqueue to the batch's release: room for the enqueues.
+RELEASE_AFTER_SEC = 4.0
 
 
-def enqueue_steps(db_url: str, batch: str, steps: int, n: int) -> None:
-    """``steps`` units of the demo's own step on its queue, as ``fan_out`` enqueues them
-    (``<temp>.fib_step``, id ``<batch>-<i + 1>``), each computing fib(n); with no server
-    running, so that none starts before the queue's first poll."""
-    from dbos import DBOS, DBOSClient
+def enqueue_batch(db_url: str, batch: str, units: int, n: int, release_at: float) -> None:
+    """``units`` units of the demo's own step on its queue, as ``fan_out`` enqueues them
+    (``<temp>.fib_step``, id ``<batch>-<i + 1>``), each computing fib(n), all DELAYED
+    until ``release_at`` (epoch seconds): DBOS then turns them ENQUEUED in one UPDATE."""
+    from dbos import DBOSClient
 
-    DBOS.migrate(db_url)
     client = DBOSClient(system_database_url=db_url)
     try:
-        for i in range(steps):
+        for i in range(units):
             client.enqueue(
                 {
                     "queue_name": demo.QUEUE,
                     "workflow_name": f"<temp>.{demo.fib_step.__qualname__}",
                     "workflow_id": f"{batch}-{i + 1}",
                     "application_name": app_name(demo.APP),
+                    "delay_seconds": release_at - time.time(),
                 },
                 i,
                 n,
@@ -128,12 +139,15 @@ def enqueue_steps(db_url: str, batch: str, steps: int, n: int) -> None:
 
 
 def batch_units(db_url: str, batch: str) -> list[dict[str, Any]]:
-    """Every unit of ``batch``: status, queue slot (``slot``: dequeued and ended, from
-    workflow_status) and body (``body``: start and end of the step, from its recorded
-    output in operation_outputs; None until it has one)."""
+    """Every unit of ``batch``: status, ``executor_id``, ``claim`` (workflow_status'
+    started_at_epoch_ms: the start of the transaction that dequeued it, the same for
+    every unit it dequeued), ``completed`` (workflow_status' completed_at: the start of
+    the transaction that recorded its end) and ``body`` (start and end of the step, the
+    worker's clock, from its recorded output in operation_outputs; None until it has
+    one)."""
     rows = query(
         db_url,
-        "SELECT w.status, w.started_at_epoch_ms, w.completed_at, "
+        "SELECT w.status, w.executor_id, w.started_at_epoch_ms, w.completed_at, "
         "o.started_at_epoch_ms, o.completed_at_epoch_ms "
         "FROM dbos.workflow_status w LEFT JOIN dbos.operation_outputs o "
         "ON o.workflow_uuid = w.workflow_uuid AND o.function_name = 'fib_step' "
@@ -141,53 +155,112 @@ def batch_units(db_url: str, batch: str) -> list[dict[str, Any]]:
         f"{batch}-%",
     )
     return [
-        {"status": status, "slot": (dequeued, ended), "body": (start, end)}
-        for status, dequeued, ended, start, end in rows
+        {
+            "status": status,
+            "executor_id": executor,
+            "claim": claim,
+            "completed": completed,
+            "body": (start, end),
+        }
+        for status, executor, claim, completed, start, end in rows
     ]
 
 
+def held(units: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """For each unit, a time it surely held its queue slot: from the first body start
+    of the units dequeued with it (their dequeue had committed by then) to the start of
+    the transaction that recorded its end (completed_at, the database's now(), after the
+    body ended and before that end committed; less 1 ms: the stamp is rounded).
+
+    The span lies inside the time the slot was really held, so the most spans open at
+    once is never above the slots held at once: exact from below. It includes units
+    dequeued but not yet started, which the bodies alone miss.
+
+    A dequeue's units share its started_at, the key of the group; it is no bound on its
+    own: the start of the dequeue's transaction, which may see room freed after it
+    began, so spans from it can show 51 for an instant that never had them."""
+    first_start: dict[tuple[str, int], int] = {}
+    for u in units:
+        key = (u["executor_id"], u["claim"])
+        first_start[key] = min(u["body"][0], first_start.get(key, u["body"][0]))
+    return [
+        (first_start[(u["executor_id"], u["claim"])], max(u["body"][1], u["completed"] - 1))
+        for u in units
+    ]
+
+
+def serving_executors(server: AppServer) -> set[str]:
+    """The executor ids of the server's processes that have launched DBOS and registered
+    the queue."""
+    return {r["executor_id"] for r in server.records(strict=False) if r.get("message") == "serving"}
+
+
 @pytest.mark.slow
-def test_more_than_50_steps_waiting_on_the_queue_start_exactly_50_at_once(
+def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_12(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """60 units of the demo's step wait on its queue before the server starts. Its first
-    poll claims as many as the limit allows, in one transaction: exactly 50 hold a slot
-    at once, each from its dequeue until its end (workflow_status); the other 10 start
-    as slots free up. A higher limit claims more at once, a lower one fewer.
+    """WORKERS processes (5: 5 x 12 = 60 > 50, so only the queue-wide limit can stop a
+    51st) serve the demo; UNITS (60) units of its step become ENQUEUED at one instant.
+    The most units holding a queue slot at once is exactly QUEUE_CONCURRENCY (50); per
+    executor it is at most WORKER_CONCURRENCY (12), and one executor reaches it.
 
-    Measured on the slots, not on the step bodies: 50 CPU-bound bodies never overlap in
-    one process. They share its GIL, a thread only reaches its body after a few database
-    calls, and each of those waits for the GIL behind the bodies already running: the
-    last of 50 dequeued together starts its body up to a second after the first, when
-    others have ended (measured: 19 to 43 bodies at once for 50 dequeued together with
-    fib(28) bodies, 36 with fib(32)). The bodies still never exceed the limit.
+    Measured with ``held``: spans that lie inside the time each slot was really held,
+    so their peak is never above the real one (a correct queue never fails this) and
+    shows 50 only if 50 were held at once. Each worker's pool has one process
+    (FIB_PROCESSES=1): the units a worker holds wait there in turn, so the ones claimed
+    together stay held for seconds. Checked against planted faults: with
+    global_concurrency=500 the peak read 57; without worker_concurrency one executor
+    held 50.
 
-    Why not a fan-out through POST /trigger_async: its steps are enqueued while the queue
-    already polls, so a first poll may claim only some of them (the progress test above
-    shows what such runs do)."""
-    assert demo.QUEUE_CONCURRENCY == 50  # the documented limit
-    units, n = 60, 26
+    Why a batch released at once rather than a fan-out through POST /trigger_async: the
+    fan-out enqueues its steps one by one while the queue polls (measured on 2 shared
+    cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
+    steps pile up to 50 only if each lasts many seconds."""
+    assert demo.MAX_SLOTS >= WORKERS  # the app allows this many workers
+    assert WORKERS * demo.WORKER_CONCURRENCY > demo.QUEUE_CONCURRENCY
+    assert UNITS > demo.QUEUE_CONCURRENCY
     batch = f"claims-{uuid.uuid4().hex[:8]}"
-    enqueue_steps(pg_url, batch, units, n)
-    assert [u["status"] for u in batch_units(pg_url, batch)] == ["ENQUEUED"] * units
-    with serve(pg_url, tmp_path) as server:
+    server = demo_server(
+        pg_url,
+        tmp_path / "server.log",
+        workers=WORKERS,
+        ledger=tmp_path / "ledger.txt",
+        env={"FIB_PROCESSES": "1"},
+    )
+    with server:
+        # Every worker has launched DBOS and registered the queue: one executor id each.
+        wait_for(
+            lambda: len(serving_executors(server)) == WORKERS,
+            45,
+            0.25,
+            f"{WORKERS} workers to serve",
+        )
+        release_at = time.time() + RELEASE_AFTER_SEC
+        enqueue_batch(pg_url, batch, UNITS, N, release_at)
+        # The premise: all of them still wait for the release, none has been claimed.
+        assert [u["status"] for u in batch_units(pg_url, batch)] == ["DELAYED"] * UNITS
+        assert time.time() < release_at, "the enqueues took longer than RELEASE_AFTER_SEC"
         wait_for(
             lambda: all(u["status"] == "SUCCESS" for u in batch_units(pg_url, batch)),
-            90,
-            0.25,
-            f"the {units} units to finish",
+            45,
+            0.5,
+            f"the {UNITS} units to finish",
         )
         assert server.running
+        executors = serving_executors(server)
     found = batch_units(pg_url, batch)
-    assert ledger_runs(tmp_path / "ledger.txt", batch) == Counter(range(units))  # once each
-    slots = [u["slot"] for u in found]
-    first_poll = min(dequeued for dequeued, _ in slots)
-    held = [(d, e) for d, e in slots if d <= first_poll < e]
-    later = [d for d, _ in slots if d > first_poll]
-    assert len(held) == 50, sorted(slots)  # exactly the limit, at once
-    assert len(later) == units - 50, sorted(slots)  # the rest after the first poll
-    bodies = [u["body"] for u in found]
-    assert 1 < max_running(bodies) <= 50, sorted(bodies)
+    assert ledger_runs(tmp_path / "ledger.txt", batch) == Counter(range(UNITS))  # once each
+    assert {u["executor_id"] for u in found} <= executors
+
+    # The queue-wide limit: never more held at once, and once exactly that many.
+    spans = held(found)
+    assert max_running(spans) == demo.QUEUE_CONCURRENCY, sorted(spans)
+    # The per-worker limit: no executor above it, one at least at it.
+    per_executor: dict[str, list[tuple[int, int]]] = {}
+    for unit, span in zip(found, spans, strict=True):
+        per_executor.setdefault(unit["executor_id"], []).append(span)
+    peaks = {executor: max_running(s) for executor, s in per_executor.items()}
+    assert max(peaks.values()) == demo.WORKER_CONCURRENCY, peaks
 
 
 # --- item 4: /healthz asks the database ---------------------------------------------
