@@ -130,7 +130,7 @@ SHUTDOWN = AppSpec(
     trigger="/trigger_async",
     params={"steps": 4, "max_n": 3},
     expect=[0, 1, 1, 2],
-    workflows={"fan_out": (("/trigger_async",), ("steps", "max_n"))},
+    workflows={"fan_out": (("/trigger_async",), ("steps", "max_n", "executor"))},
     reap=frozenset({"fan_out"}),
 )
 # The same app with the endpoint disabled; quick runs fuzz only /shutdown on it (the
@@ -716,13 +716,26 @@ class Caps:
     violations: list[str]
 
 
-def _bounds(openapi: dict[str, Any], path: str, name: str) -> tuple[float, float] | None:
+def _bounds(openapi: dict[str, Any], path: str, name: str) -> tuple[Any, ...] | None:
+    """What the schema allows for a query parameter: ``(minimum, maximum)`` of a number,
+    or the values of an enum (a ``Literal``, inline or by reference); None if neither."""
     for param in openapi["paths"][path]["post"].get("parameters", []):
         if param["name"] == name:
-            bounds = param.get("schema", {})
-            if "minimum" in bounds and "maximum" in bounds:
-                return bounds["minimum"], bounds["maximum"]
+            schema = param.get("schema", {})
+            ref = schema.get("$ref", "")
+            if ref.startswith("#/components/schemas/"):
+                schema = openapi["components"]["schemas"][ref.rsplit("/", 1)[1]]
+            if "minimum" in schema and "maximum" in schema:
+                return schema["minimum"], schema["maximum"]
+            if "enum" in schema:
+                return tuple(schema["enum"])
     return None
+
+
+def _allows(found: list[tuple[Any, ...]], value: Any) -> bool:
+    if all(len(b) == 2 and not isinstance(b[0], str) for b in found):
+        return min(lo for lo, _ in found) <= value <= max(hi for _, hi in found)
+    return any(value in b for b in found)
 
 
 def check_caps(session: Session) -> Caps:
@@ -754,7 +767,7 @@ def check_caps(session: Session) -> Caps:
             found = [b for p in paths if (b := _bounds(openapi, p, name)) is not None]
             if len(found) != len(paths):
                 violations.append(f"the schema documents no bounds for {name} on {paths}")
-            elif not min(lo for lo, _ in found) <= value <= max(hi for _, hi in found):
+            elif not _allows(found, value):
                 violations.append(f"{wf.workflow_id}: {wf.name} {name}={value!r} outside {found}")
     return Caps(checked, violations)
 
