@@ -142,7 +142,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         "executor slot claimed",
         extra={"executor_id": slots.executor_id(slot), "slot": slot, "pid": os.getpid()},
     )
-    pool.start(pool_size())  # before DBOS launches: recovery may resume a fan-out at once
+    pool.start(pool_size(), preload=fib.__module__)  # before DBOS: recovery may resume at once
     await asyncio.to_thread(launch, cfg)
     await asyncio.to_thread(pool.ready)
     await DBOS.register_queue_async(

@@ -1,6 +1,7 @@
 """A process pool owned by a service, for the CPU work of its DBOS steps.
 
-    pool.start(size)        # in the lifespan, before DBOS launches; pool.ready() after
+    pool.start(size, preload=fib.__module__)
+                            # in the lifespan, before DBOS launches; pool.ready() after
     pool.run(fib, n)        # in a step: the computation runs in a pool process while
                             # the step thread waits without holding the GIL
     pool.stop()             # after DBOS.destroy
@@ -14,8 +15,9 @@ Lifecycle, for every way a service stops:
 - Start method ``spawn``: each pool process is a fresh interpreter (fork + exec),
   never a bare fork of this multi-threaded process, which can copy a lock another
   thread held at that instant. A pool process imports the module of the function
-  it runs (here the whole app, about a second of CPU), once, at start-up: the
-  lifespan starts the pool before DBOS launches and waits for it after.
+  it runs (``preload``; here the whole app, about a second of CPU) as it starts,
+  not at its first call: the lifespan starts the pool before DBOS launches and
+  waits until every process is up after (``ready``).
   Not ``forkserver``: the executor watches its processes through the forkserver, so
   a SIGTERM for the whole process group (``docker stop``) that ends the forkserver
   breaks the pool, and every step still waiting fails.
@@ -34,12 +36,14 @@ Lifecycle, for every way a service stops:
 from __future__ import annotations
 
 import gc
+import importlib
 import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
 from typing import TypeVar
 
@@ -53,7 +57,7 @@ STOP_TIMEOUT_SEC = 5.0
 ORPHAN_EXIT = 70
 
 _executor: ProcessPoolExecutor | None = None
-_warm_up: list[Future[int]] = []
+_size = 0
 
 
 def usable_cores() -> int:
@@ -75,30 +79,42 @@ def _guard_orphan() -> None:
     threading.Thread(target=watch, name="orphan-guard", daemon=True).start()
 
 
-def _init_process() -> None:
+def _init_process(preload: str | None) -> None:
     # The service stops its pool; a signal for the process group is not for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _guard_orphan()
+    if preload and not preload.startswith("__"):  # __main__ is loaded by spawn itself
+        importlib.import_module(preload)
 
 
-def start(size: int) -> None:
-    """Create the pool and start its processes (``ready()`` waits for them)."""
-    global _executor, _warm_up
+def start(size: int, preload: str | None = None) -> None:
+    """Create the pool and start its processes, each importing the module ``preload``
+    (``ready()`` waits for them)."""
+    global _executor, _size
     if _executor is not None:
         raise RuntimeError("the process pool is already running")
     ctx = multiprocessing.get_context(START_METHOD)
-    _executor = ProcessPoolExecutor(size, mp_context=ctx, initializer=_init_process)
-    # The first submit starts every process of the pool.
-    _warm_up = [_executor.submit(os.getpid) for _ in range(size)]
+    _executor = ProcessPoolExecutor(
+        size, mp_context=ctx, initializer=_init_process, initargs=(preload,)
+    )
+    _size = size
+    _executor.submit(os.getpid)  # the first submit starts every process of the pool
 
 
 def ready(timeout: float = 60) -> list[int]:
-    """Wait until the pool has answered; the pids of its processes."""
+    """Wait until every process of the pool has started (a process takes calls only
+    once its start-up is done) and return their pids."""
     if _executor is None:
         raise RuntimeError("the process pool is not running")
-    for future in _warm_up:
-        future.result(timeout=timeout)
+    answered: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(answered) < _size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(answered)} of {_size} pool processes up in {timeout} s")
+        calls = [_executor.submit(os.getpid) for _ in range(_size)]
+        answered |= {call.result(timeout=timeout) for call in calls}
+        time.sleep(0.01)
     return pids()
 
 
@@ -127,8 +143,8 @@ def stop(timeout: float = STOP_TIMEOUT_SEC) -> None:
     Not handled: a pool process killed from outside while the service runs (the OOM
     killer, say) breaks the pool; every step then waiting fails, and that is recorded.
     """
-    global _executor, _warm_up
-    executor, _executor, _warm_up = _executor, None, []
+    global _executor
+    executor, _executor = _executor, None
     if executor is None:
         return
     # ProcessPoolExecutor has no public way to end its processes before Python 3.14.
