@@ -51,11 +51,19 @@ def run_line(results: dict[str, Any]) -> str:
         if not bad
         else f"**{len(bad)} of {len(figs)} figures broke a promise**"
     )
-    return (
+    line = (
         f"Run of {when} UTC, `{command}` ({results.get('trials')} crash trials per script, "
         f"seed {results.get('seed')}), on {machine.get('cpus')} CPUs with Python "
         f"{machine.get('python')}: {verdict}."
     )
+    for rerun in results.get("reruns", []):
+        at = str(rerun.get("when", "?"))[:16].replace("T", " ")
+        areas = ", ".join(rerun.get("areas", []))
+        line += (
+            f" The figures of {areas} are from a later run, {at} UTC, `{rerun.get('command')}`"
+            f" ({rerun.get('trials')} trials, seed {rerun.get('seed')})."
+        )
+    return line
 
 
 def headlines(results: dict[str, Any]) -> str:
