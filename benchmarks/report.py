@@ -18,8 +18,6 @@ where ``{{...}}`` placeholders stand for figures of the JSON:
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 
 from benchmarks.core import _fmt_ratio as fmt_ratio
 from benchmarks.core import fmt_seconds
-from harness.report import markdown_table
+from harness.report import markdown_table, readme_main
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "results.json"
@@ -160,21 +158,7 @@ def render(results: dict[str, Any], template: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
-    parser.add_argument("--json", type=Path, default=JSON, help="results of python -m benchmarks")
-    parser.add_argument("--template", type=Path, default=TEMPLATE)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--check", action="store_true", help="compare, do not write")
-    args = parser.parse_args(argv)
-    text = render(json.loads(args.json.read_text()), args.template.read_text())
-    if args.check:
-        if not args.out.exists() or args.out.read_text() != text:
-            print(f"{args.out} is not generated from {args.json}: run python -m benchmarks.report")
-            return 1
-        return 0
-    args.out.write_text(text)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return readme_main("python -m benchmarks.report", __doc__, render, JSON, TEMPLATE, OUT, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from harness import REPO
+from harness.proc import wait_for
 
 BASE_IMAGE = "python:3.12-slim"
 ENGINE_SCRIPT = "../shared/docker/engine.sh"
@@ -149,14 +150,8 @@ def context_files(context: Path, tag: str) -> list[str]:
 def wait_until(
     predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    """``harness.proc.wait_for`` at the pace of ``docker`` commands (every 0.5 s)."""
+    return wait_for(predicate, timeout, interval=interval, what=what)
 
 
 # --- containers -------------------------------------------------------------------
