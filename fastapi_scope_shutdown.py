@@ -11,7 +11,6 @@ Run it, what to observe and what it means: docs/fastapi_scope_shutdown.md.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -183,13 +182,7 @@ async def trigger_async(
         int, Query(ge=1, le=MAX_STEPS, description=f"number of steps, 1..{MAX_STEPS}")
     ] = DEFAULT_STEPS,
     max_n: Annotated[
-        int,
-        Query(
-            ge=0,
-            le=MAX_MAX_N,
-            description=f"step i computes fib(min(i, max_n)); 0..{MAX_MAX_N} "
-            "(fib(32) is about half a second of CPU)",
-        ),
+        int, Query(ge=0, le=MAX_MAX_N, description=f"step i: fib(min(i, max_n)), 0..{MAX_MAX_N}")
     ] = DEFAULT_MAX_N,
     executor: Annotated[
         Executor,
@@ -260,14 +253,7 @@ async def shutdown(
     authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     """Stop the server after answering 202 (needs ``Authorization: Bearer <SHUTDOWN_TOKEN>``)."""
-    token = os.environ.get("SHUTDOWN_TOKEN", "")
-    if not token:
-        raise HTTPException(403, "shutdown is disabled: SHUTDOWN_TOKEN is not set")
-    expected = f"Bearer {token}".encode()
-    if not authorization or not hmac.compare_digest(authorization.encode(), expected):
-        raise HTTPException(
-            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-        )
+    signals.check_token(authorization, os.environ.get("SHUTDOWN_TOKEN", ""))
     log.warning("shutdown requested", extra={"mode": mode, "pid": os.getpid()})
     # Background tasks run after the response has been sent. A server stops on a signal
     # to the process that owns it (sys.exit in an endpoint only makes a 500).

@@ -3,6 +3,7 @@ script's simulated crash (exit at once, no cleanup)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import multiprocessing
 import os
@@ -61,3 +62,17 @@ def kill_server() -> None:
                 except ProcessLookupError:
                     pass
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_token(authorization: str | None, token: str) -> None:
+    """Allow a stop request only with ``Authorization: Bearer <token>`` (constant-time
+    compare): 403 while no token is configured, 401 for a missing or wrong one."""
+    from fastapi import HTTPException
+
+    if not token:
+        raise HTTPException(403, "shutdown is disabled: SHUTDOWN_TOKEN is not set")
+    expected = f"Bearer {token}".encode()
+    if not authorization or not hmac.compare_digest(authorization.encode(), expected):
+        raise HTTPException(
+            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
