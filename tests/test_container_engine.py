@@ -29,7 +29,7 @@ import harness.docker as hd
 from harness import REPO, pgcluster
 from harness.db import query
 from harness.env import remember_secrets
-from harness.fanout import fan_out_result, ledger_runs
+from harness.fanout import children, fan_out_result, ledger_runs
 from harness.proc import free_port, parse_json_lines
 
 # Generous: the first test also builds the image (about a minute from scratch).
@@ -148,14 +148,8 @@ def wait_mid_fan_out(http: httpx.Client, workflow_id: str) -> int:
 
 
 def done_steps(url: str, workflow_id: str) -> set[int]:
-    """Indices of the fan-out's steps recorded as SUCCESS (child ids end in -<i + 1>)."""
-    rows = query(
-        url,
-        "SELECT workflow_uuid FROM dbos.workflow_status "
-        "WHERE parent_workflow_id = %s AND status = 'SUCCESS'",
-        workflow_id,
-    )
-    return {int(uuid.rsplit("-", 1)[1]) - 1 for (uuid,) in rows}
+    """Indices of the fan-out's steps recorded as SUCCESS."""
+    return {i for i, step in children(url, workflow_id).items() if step["status"] == "SUCCESS"}
 
 
 def json_logs(container: hd.Container, *secret: str) -> list[dict[str, Any]]:
