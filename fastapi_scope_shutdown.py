@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from dbos import DBOS
+from dbos import DBOS, SetWorkflowID
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
 
@@ -36,17 +36,24 @@ logs.uvicorn_logging(APP)
 
 QUEUE = "shutdown-fib"
 QUEUE_CONCURRENCY = 50  # steps running at once, across all workers
-# Per worker: without it one poll claims every free slot (DBOS claims min(its room,
-# limit - running)). Measured on the default fan-out with 2 workers: at 25 one worker
-# ran up to 92% of the steps, at 12 each ran 42-58%; at 8 one worker alone is slower.
-WORKER_CONCURRENCY = 12
+
+
+def worker_concurrency(workers: int) -> int:
+    """Each worker's share of the queue's slots, the most steps one worker runs at
+    once: the workers together fill the queue, none claims it all in one poll (DBOS
+    claims min(its own room, limit - running)). One worker takes every slot, so a
+    default fan-out is claimed as it is enqueued, not in waves one poll apart."""
+    return -(-QUEUE_CONCURRENCY // workers)
+
+
 # A step is dequeued on the next poll: at DBOS's default 1 s every wave would wait up
 # to a second. A poll is a few small indexed queries.
 QUEUE_POLLING_SEC = 0.2
 SCHEDULE = "shutdown-every-5s"
 CRON = "*/5 * * * * *"  # 6 fields: seconds first
 
-# fib(30) takes ~0.2 s of CPU, fib(32) ~0.5 s: the caps bound a request at ~4 min of CPU.
+# fib(30) takes ~0.1 s of CPU, fib(32) ~0.2 s: the default request is ~2 CPU-s, the
+# caps bound one at ~2 min of CPU.
 DEFAULT_STEPS, MAX_STEPS = 50, 500
 DEFAULT_MAX_N, MAX_MAX_N = 30, 32
 # How long DBOS.destroy waits for running workflows on a graceful stop. Below
@@ -102,12 +109,16 @@ def fib_step(index: int, n: int, executor: Executor = "process") -> int:
 
 @DBOS.workflow()
 def fan_out(steps: int, max_n: int, executor: Executor = "process") -> list[int]:
-    # Each enqueue is recorded in this workflow: a recovered run re-attaches to the
-    # same children instead of enqueueing new ones; with their executor, an input.
-    handles = [
-        DBOS.enqueue_workflow(QUEUE, fib_step, i, min(i, max_n), executor) for i in range(steps)
-    ]
-    return [h.get_result(polling_interval_sec=QUEUE_POLLING_SEC) for h in handles]
+    # Heaviest first (the last steps): they start while the rest are still being
+    # enqueued, a few ms each, and the short ones fill the gaps at the end. Step i is
+    # child <parent>-<i + 1> whatever the order. Each enqueue is recorded in this
+    # workflow: a recovered run re-attaches to the same children instead of enqueueing
+    # new ones; with their executor, an input.
+    handles = {}
+    for i in reversed(range(steps)):
+        with SetWorkflowID(f"{DBOS.workflow_id}-{i + 1}"):
+            handles[i] = DBOS.enqueue_workflow(QUEUE, fib_step, i, min(i, max_n), executor)
+    return [handles[i].get_result(polling_interval_sec=QUEUE_POLLING_SEC) for i in range(steps)]
 
 
 @DBOS.workflow()
@@ -147,7 +158,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     await DBOS.register_queue_async(
         QUEUE,
         global_concurrency=QUEUE_CONCURRENCY,
-        worker_concurrency=WORKER_CONCURRENCY,
+        worker_concurrency=worker_concurrency(config.int_env("WORKERS", 1, 1, MAX_SLOTS)),
         polling_interval_sec=QUEUE_POLLING_SEC,
     )
     await DBOS.apply_schedules_async(
@@ -282,6 +293,8 @@ def main() -> None:
         # Once, before the workers start, so they do not race to create the database.
         DBOS.migrate(url)
     import uvicorn
+
+    os.environ["WORKERS"] = str(workers)  # for each worker's share of the queue
 
     # Each worker is a fresh interpreter (spawn) that re-runs this file as
     # `__mp_main__` before uvicorn imports the app: pointing uvicorn at that module

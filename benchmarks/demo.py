@@ -271,24 +271,29 @@ def executors(db_url: str, workflow_id: str) -> dict[str, int]:
 
 
 def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str, Any]:
-    """SIGKILL the demo when about half the fan-out is done, restart it, time the rest.
+    """SIGKILL the demo when half the fan-out's CPU work is done (its steps in SUCCESS,
+    each weighed by ``fib_seconds``), restart it, time the rest.
 
     Returns ``recover`` (restart → parent SUCCESS), ``recover_after_launch`` (DBOS
     initialised in the new process → SUCCESS), and ``baseline``: the remaining work,
     triggered fresh on the warm server and run uninterrupted. Step i computes
-    fib(min(i, max_n)), so the light steps (i < max_n) finish first and the ones left
-    at the kill are heavy; the baseline is a fan-out of ``max_n + heavy_remaining``
-    steps: every light step again (together about 1.6 heavy ones) plus exactly as many
-    heavy steps as were left.
+    fib(min(i, max_n)): the baseline is a fan-out of ``max_n + heavy_remaining`` steps,
+    every light step (i < max_n, together about 1.6 heavy ones) plus exactly as many
+    heavy steps as were left. The fan-out enqueues its heaviest steps first, so the
+    light ones are mostly still left at the kill; any done then make the baseline a
+    little more than the work left.
     """
     first = server(db_url, workers=1, log_dir=log_dir)
     first.start()
     try:
         wf = ShutdownClient(first.client).trigger(units, max_n)
+        work = [fib_seconds(min(i, max_n)) for i in range(units)]
         deadline = time.monotonic() + 600
-        while children_done(db_url, wf) < units // 2:
+        while 2 * sum(work[i] for i, st in child_statuses(db_url, wf) if st == "SUCCESS") < sum(
+            work
+        ):
             if time.monotonic() > deadline:
-                raise RuntimeError("fan-out did not reach half-way in 600 s")
+                raise RuntimeError("fan-out did not reach half its work in 600 s")
             time.sleep(0.02)
     finally:
         first.close()
@@ -296,6 +301,7 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
         raise RuntimeError("the fan-out finished before the kill; use more work per unit")
     left = [i for i, st in child_statuses(db_url, wf) if st != "SUCCESS"]
     done_at_kill = units - len(left)
+    work_left = sum(work[i] for i in left) / sum(work)
     heavy_left = sum(1 for i in left if i >= max_n)
 
     second = server(db_url, workers=1, log_dir=log_dir, port=first.port)
@@ -314,6 +320,7 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
         "units": units,
         "done_at_kill": done_at_kill,
         "remaining": len(left),
+        "work_left": round(work_left, 3),
         "light_remaining": len(left) - heavy_left,
         "baseline_steps": max_n + heavy_left,
         "startup_until_healthz": ready,

@@ -425,6 +425,12 @@ def row_recovery(ctx: Context, kind: str) -> list[Row]:
             launch.add(r["recover_after_launch"], r["baseline"])
         bases.append(r["baseline"])
         spawn.details.setdefault("runs", []).append(r)
+    runs = spawn.details.get("runs", [])
+    if runs:
+        spawn.details["work_left_at_kill"] = statistics.median(r["work_left"] for r in runs)
+        spawn.details["startup_until_healthz_s"] = statistics.median(
+            r["startup_until_healthz"] for r in runs
+        )
     target = 1.2 + poll / statistics.median(bases)
     for row in (spawn, launch):
         row.target_op, row.target = "<=", target
@@ -585,11 +591,17 @@ def _children(pid: int) -> list[int]:
 
 
 class _CpuMeter:
-    """CPU seconds a fan-out costs the server process, its process pool and, on Postgres,
-    the server backends of its database (their pids from pg_stat_activity)."""
+    """CPU seconds a fan-out costs the service (the server process and, with WORKERS > 1,
+    its uvicorn workers), the process pools (the children of the processes that serve)
+    and, on Postgres, the server backends of its database (pids from pg_stat_activity)."""
 
-    def __init__(self, server_pid: int, db_url: str, kind: str) -> None:
-        self.groups = {"server": [server_pid], "pool": _children(server_pid), "postgres": []}
+    def __init__(self, server_pid: int, db_url: str, kind: str, workers: int = 1) -> None:
+        serving = [server_pid] if workers == 1 else _children(server_pid)
+        self.groups = {
+            "server": sorted({server_pid, *serving}),
+            "pool": [child for pid in serving for child in _children(pid)],
+            "postgres": [],
+        }
         if kind == "postgres":
             rows = query(
                 db_url, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
@@ -598,6 +610,16 @@ class _CpuMeter:
 
     def read(self) -> dict[str, float]:
         return {g: sum(_cpu_seconds(p) for p in pids) for g, pids in self.groups.items()}
+
+
+def _cpu_bound(row: Row, used: dict[str, float], plain: float, cores: int) -> None:
+    """On ``cores`` cores a fan-out cannot end before all its CPU work is done: fib in the
+    pools plus the service's own (server processes, database backends). ``cpu_floor_s``
+    is that time; ``plain_vs_cpu_floor`` the best ratio to the plain pool any scheduling
+    could reach (``bound``: its median), a ceiling for the row's ratio."""
+    floor = sum(used.values()) / cores
+    row.details.setdefault("cpu_floor_s", []).append(round(floor, 3))
+    row.details.setdefault("plain_vs_cpu_floor", []).append(round(plain / floor, 3))
 
 
 def row_pool(ctx: Context, kind: str) -> list[Row]:
@@ -712,12 +734,7 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
             plain = _plain_pool(steps, max_n, cores)
             rows["8a"].add(spans["thread"], spans["process"])
             rows["8b"].add(plain, spans["process"])
-            # On `cores` cores the fan-out cannot end before all its CPU work is done:
-            # fib in the pool plus the service's own (server process, database backends).
-            used = rows["8a"].details["cpu_seconds_process"][-1]
-            floor = sum(used.values()) / cores
-            rows["8b"].details.setdefault("cpu_floor_s", []).append(round(floor, 3))
-            rows["8b"].details.setdefault("plain_vs_cpu_floor", []).append(round(plain / floor, 3))
+            _cpu_bound(rows["8b"], rows["8a"].details["cpu_seconds_process"][-1], plain, cores)
             p95_idle = percentile(idle, 95)
             rows["8e"].add(percentile(health["process"], 95), p95_idle)
             rows["8f"].add(percentile(health["thread"], 95), p95_idle)
@@ -725,8 +742,15 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
                 rows[rid].details.setdefault("samples_busy", []).append(len(health[mode]))
             if two_workers:
                 progress(f"{kind}: 8 WORKERS=2, executor=process, run {i + 1}")
+                assert servers[1].proc is not None
+                meter = _CpuMeter(servers[1].proc.pid, dbs[2], kind, workers=2)
+                before = meter.read()
                 run2 = demo.run_fan_out(servers[1], dbs[2], steps, max_n, executor="process")
+                after = meter.read()
                 rows["8c"].add(plain, run2.span)  # Postgres only
+                used2 = {g: round(after[g] - before[g], 3) for g in after}
+                rows["8c"].details.setdefault("cpu_seconds", []).append(used2)
+                _cpu_bound(rows["8c"], used2, plain, cores)
                 counts = sorted(run2.per_executor.values())
                 fewer = counts[0] if len(counts) == 2 else 0
                 rows["8d"].add(float(max(fewer, 1e-9)), float(steps))
@@ -735,6 +759,10 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
         for server in servers:
             server.close()
     rows["8e"].details["idle_samples"] = len(idle)
+    for rid in ("8b", "8c"):
+        bounds = rows[rid].details.get("plain_vs_cpu_floor")
+        if bounds:
+            rows[rid].details["bound"] = round(statistics.median(bounds), 2)
     if not two_workers:
         for rid in ("8c", "8d"):
             rows[rid] = Row(rid, rows[rid].what, kind, skipped="needs Postgres (WORKERS=2)")

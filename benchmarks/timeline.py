@@ -9,7 +9,7 @@
     python -m benchmarks.timeline --workers 2 --steps 100 --max-n 28 --out timeline-2-workers.png
     # (--executor process|thread|both, default both: a fan-out in each mode, side by side)
 
-Top panel: one bar per step workflow (a child of the fan-out, in enqueue order),
+Top panel: one bar per step workflow (a child of the fan-out, step 0 at the top),
 a thin grey line while it waits in the queue (enqueued → dequeued) and a thick
 bar while it runs (dequeued → completed), coloured by the executor that ran it;
 the scheduled workflow's runs are triangles along the top. Bottom panel: how many
@@ -160,7 +160,7 @@ def _draw_panel(record: FanOutRecord, title: str, limit: int | None, top: Any, b
     if record.completed is not None:
         top.axvline(record.completed - t0, color="black", lw=1)
     top.set_ylim(n + 1, -3.5)
-    top.set_ylabel(f"step workflow (enqueue order, {n} steps)")
+    top.set_ylabel(f"step workflow (step index, {n} steps)")
     top.set_title(title, fontsize=11)
     handles: list[Artist] = [Patch(color=colour[x], label=f"ran on {x}") for x in executors]
     handles += [

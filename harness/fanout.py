@@ -126,6 +126,7 @@ def demo_server(
         extra["FIB_LEDGER"] = str(ledger)
     server_env = script_env(db_url, **extra)
     if workers is None:
+        server_env.pop("WORKERS", None)  # one process: the whole queue is its share
         return AppServer(f"{MODULE}:app", server_env, log_path, port=port, **options)
     server_env["WORKERS"] = str(workers)
     return AppServer.script(f"{MODULE}.py", server_env, log_path, port=port, **options)

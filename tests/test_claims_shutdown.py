@@ -3,10 +3,11 @@
 - ``GET /workflows/{id}``'s ``progress.done`` counts the fan-out's children in SUCCESS:
   every read lies between two counts of SUCCESS children taken around it, and is below
   ``total`` while children exist that have not finished.
-- The queue's two limits, both reached: with more workers than 50 / 12 and more than
-  50 of the demo's steps waiting, the most steps holding a queue slot at once (dequeued,
-  not yet ended) is exactly QUEUE_CONCURRENCY (50) across all workers, and at most
-  WORKER_CONCURRENCY (12) per executor, which one executor reaches.
+- The queue's two limits, both reached: with workers whose shares add up to more than
+  50 (3 workers, 17 each) and more than 50 of the demo's steps waiting, the most steps
+  holding a queue slot at once (dequeued, not yet ended) is exactly QUEUE_CONCURRENCY
+  (50) across all workers, and at most a worker's share (``worker_concurrency(3)``, 17)
+  per executor, which one executor reaches.
 - ``/healthz`` asks the database: with the server's Postgres stopped it answers 503
   with the reason, and 200 again once the database is back.
 
@@ -103,13 +104,17 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
 
 # --- item 3: the 50-way limit and the per-worker limit, reached ---------------------
 
-# Enough workers that their own limits add up to more than the queue's: only the
-# queue-wide limit can then stop a 51st step.
-WORKERS = demo.QUEUE_CONCURRENCY // demo.WORKER_CONCURRENCY + 1
-# As many steps as all workers could hold together (more than the queue allows), each
-# long enough to overlap the others (fib(31): ~0.3 s of CPU, 60 of them ~20 s; with
-# fib(30) the slots freed and re-claimed around a dequeue often kept the peak at 48-49).
-UNITS, N = WORKERS * demo.WORKER_CONCURRENCY, 31
+# The fewest workers whose shares (rounded up) add up to more than the queue's limit:
+# only the queue-wide limit can then stop the last step.
+WORKERS = next(
+    n for n in range(2, demo.MAX_SLOTS) if n * demo.worker_concurrency(n) > demo.QUEUE_CONCURRENCY
+)
+SHARE = demo.worker_concurrency(WORKERS)
+# More steps than all workers could hold together (51), so that a freed slot always has
+# a step waiting, each long enough to overlap the others (fib(31): ~0.3 s of CPU, 60 of
+# them ~20 s; with fib(30), or with only 51 steps, a worker whose first claim came late
+# often saw the peak at 49).
+UNITS, N = 60, 31
 # Seconds from the first enqueue to the batch's release: room for the enqueues.
 RELEASE_AFTER_SEC = 4.0
 
@@ -196,20 +201,20 @@ def serving_executors(server: AppServer) -> set[str]:
 
 
 @pytest.mark.slow
-def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_12(
+def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """WORKERS processes (5: 5 x 12 = 60 > 50, so only the queue-wide limit can stop a
+    """WORKERS processes (3: 3 x 17 = 51 > 50, so only the queue-wide limit can stop the
     51st) serve the demo; UNITS (60) units of its step become ENQUEUED at one instant.
     The most units holding a queue slot at once is exactly QUEUE_CONCURRENCY (50); per
-    executor it is at most WORKER_CONCURRENCY (12), and one executor reaches it.
+    executor it is at most its share SHARE (17), and one executor reaches it.
 
     Measured with ``held``: spans that lie inside the time each slot was really held,
     so their peak is never above the real one (a correct queue never fails this) and
     shows 50 only if 50 were held at once. Each worker's pool has one process
     (FIB_PROCESSES=1): the units a worker holds wait there in turn, so the ones claimed
     together stay held for seconds. Checked against planted faults: with
-    global_concurrency=500 the peak read 57; without worker_concurrency one executor
+    global_concurrency=500 the peak read 51; without worker_concurrency one executor
     held 50.
 
     Why a batch released at once rather than a fan-out through POST /trigger_async: the
@@ -217,8 +222,7 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_12(
     cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
     steps pile up to 50 only if each lasts many seconds."""
     assert demo.MAX_SLOTS >= WORKERS  # the app allows this many workers
-    assert WORKERS * demo.WORKER_CONCURRENCY > demo.QUEUE_CONCURRENCY
-    assert UNITS > demo.QUEUE_CONCURRENCY
+    assert UNITS > WORKERS * SHARE > demo.QUEUE_CONCURRENCY
     batch = f"claims-{uuid.uuid4().hex[:8]}"
     server = demo_server(
         pg_url,
@@ -260,7 +264,7 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_12(
     for unit, span in zip(found, spans, strict=True):
         per_executor.setdefault(unit["executor_id"], []).append(span)
     peaks = {executor: max_running(s) for executor, s in per_executor.items()}
-    assert max(peaks.values()) == demo.WORKER_CONCURRENCY, peaks
+    assert max(peaks.values()) == SHARE, peaks
 
 
 # --- item 4: /healthz asks the database ---------------------------------------------

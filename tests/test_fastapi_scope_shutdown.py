@@ -253,7 +253,7 @@ def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_databa
         queue = (
             demo.QUEUE,
             demo.QUEUE_CONCURRENCY,
-            demo.WORKER_CONCURRENCY,
+            demo.worker_concurrency(1),  # one process (uvicorn): every slot
             demo.QUEUE_POLLING_SEC,
         )
         assert queues_before == [(*queue, app_name(demo.APP))]

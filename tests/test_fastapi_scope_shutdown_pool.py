@@ -364,7 +364,8 @@ def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> N
         "SELECT concurrency, worker_concurrency FROM dbos.queues WHERE name = %s",
         demo.QUEUE,
     )
-    assert queue == [(demo.QUEUE_CONCURRENCY, demo.WORKER_CONCURRENCY)]
+    share = demo.worker_concurrency(2)
+    assert queue == [(demo.QUEUE_CONCURRENCY, share)]
     kids = children(pg_url, workflow_id)
     per_executor = Counter(c["executor_id"] for c in kids.values())
     assert set(per_executor) == {"shutdown-0", "shutdown-1"}, per_executor
@@ -373,4 +374,4 @@ def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> N
     assert min(per_executor.values()) >= 0.2 * steps, per_executor
     for executor in per_executor:
         bodies = [c["body"] for c in kids.values() if c["executor_id"] == executor]
-        assert max_running(bodies) <= demo.WORKER_CONCURRENCY
+        assert max_running(bodies) <= share
