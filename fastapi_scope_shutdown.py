@@ -42,7 +42,9 @@ def worker_concurrency(workers: int) -> int:
     """Each worker's share of the queue's slots, the most steps one worker runs at
     once: the workers together fill the queue, none claims it all in one poll (DBOS
     claims min(its own room, limit - running)). One worker takes every slot, so a
-    default fan-out is claimed as it is enqueued, not in waves one poll apart."""
+    default fan-out is claimed as it is enqueued, not in waves one poll apart. DBOS
+    keeps it in the queue's row, shared by all workers: every worker of one run
+    registers the same value (main() passes WORKERS on)."""
     return -(-QUEUE_CONCURRENCY // workers)
 
 
