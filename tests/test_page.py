@@ -48,9 +48,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# Steps 32..39 compute fib(32) (~0.3 s of CPU each here): enough time to crash while
-# they run, small enough for a shared 2-core machine.
-STEPS, MAX_N = 40, demo.MAX_MAX_N
+# Steps 32..59 compute fib(32) (~0.2 s of CPU each here): in thread mode they share one
+# core for about 6 s, enough for a crash from the page to land while they run (the
+# server's own answers wait for that core too: the crash request can take seconds);
+# with the pool about 3 s. Small enough for a shared 2-core machine.
+STEPS, MAX_N = 60, demo.MAX_MAX_N
 SLOT_PREFIX = f"sched-{demo.SCHEDULE}-"
 
 
