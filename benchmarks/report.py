@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks.core import _fmt_ratio as fmt_ratio
 from benchmarks.core import fmt_seconds
-from harness.report import markdown_table, readme_main
+from harness.report import markdown_table, readme_main, written_for
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "results.json"
@@ -145,13 +145,7 @@ def render(results: dict[str, Any], template: str) -> str:
             spec = args[3] if len(args) == 4 else None
             return _detail(_find(results, args[0], args[1]), args[2], spec)
         if kind == "written-for" and len(args) == 1:
-            if args[0] == run_date:
-                return ""
-            return (
-                f"> **Note:** the explanations below were written for the run of {args[0]}; "
-                f"the figures they take from the results are this run's, the others are "
-                f"that run's.\n"
-            )
+            return written_for(args[0], run_date)
         raise ValueError(f"unknown placeholder {match.group(0)!r}")
 
     return HEADER + re.sub(r"\{\{(.+?)\}\}", replace, template)

@@ -36,6 +36,18 @@ def markdown_table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> str
     return "\n".join(lines)
 
 
+def written_for(date: str, run_date: str) -> str:
+    """The ``{{written-for DATE}}`` placeholder of a generated README: nothing when its
+    results are from the run of ``date`` the prose was written for, else a note saying
+    that the prose around the figures may describe another run."""
+    if date == run_date:
+        return ""
+    return (
+        f"> **Note:** the explanations here were written for the run of {date}; "
+        f"the figures they take from the results are from the run of {run_date}.\n"
+    )
+
+
 def readme_main(
     prog: str,
     description: str | None,

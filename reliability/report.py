@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.report import readme_main
+from harness.report import readme_main, written_for
 from reliability.core import Figure, broken, table
 
 HERE = Path(__file__).resolve().parent
@@ -92,12 +92,7 @@ def render(results: dict[str, Any], template: str) -> str:
         if words == ["count"]:
             return str(len(results["figures"]))
         if len(words) == 2 and words[0] == "written-for":
-            if words[1] == run_date:
-                return ""
-            return (
-                f"> **Note:** this section was written for the run of {words[1]}; "
-                f"the figures above are from {run_date}.\n"
-            )
+            return written_for(words[1], run_date)
         raise ValueError(f"unknown placeholder {match.group(0)!r}")
 
     return HEADER + re.sub(r"\{\{(.+?)\}\}", replace, template)
