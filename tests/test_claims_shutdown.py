@@ -111,10 +111,10 @@ WORKERS = next(
 )
 SHARE = demo.worker_concurrency(WORKERS)
 # More steps than all workers could hold together (51), so that a freed slot always has
-# a step waiting, each long enough to overlap the others (fib(31): ~0.3 s of CPU, 60 of
-# them ~20 s; with fib(30), or with only 51 steps, a worker whose first claim came late
-# often saw the peak at 49).
-UNITS, N = 60, 31
+# a step waiting, each long enough that every worker's first claim lands before any
+# first step ends (fib(32): ~0.2 s of CPU, 60 of them ~15 s; with fib(31) a worker whose
+# first claim came late on a loaded machine sometimes saw the peak at 49).
+UNITS, N = 60, 32
 # Seconds from the first enqueue to the batch's release: room for the enqueues.
 RELEASE_AFTER_SEC = 4.0
 
