@@ -10,7 +10,8 @@
 #
 # tests/test_container.py builds this file unmodified on a real Docker engine and
 # runs the image (health, fan-out, crash and restart, docker stop, PORT, a database
-# outage, compose); `pip freeze` in the image must equal requirements-runtime.txt.
+# outage, compose); `pip freeze` in the image must equal requirements-service.txt, and
+# the image must stay within 200 MB.
 
 # A tag, not a digest: patch releases of 3.12 and Debian security fixes arrive on rebuild.
 FROM python:3.12-slim
@@ -22,12 +23,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# The lock: every package at the version the tests ran, each with its hashes
+# The service lock: what the demo and lab/ import, nothing of the other experiments
+# (integration.py's S3 libraries stay out); every package at the version the tests ran
+# (the runtime lock the tests install is constrained to it), each with its hashes
 # (--require-hashes refuses anything unlisted or altered). Installed before the code
 # is copied, so editing the code reuses this layer. The app user is a regular one
 # (uid 10001 is above the system range) with a home of its own.
-COPY requirements-runtime.txt .
-RUN pip install --no-cache-dir --require-hashes -r requirements-runtime.txt \
+COPY requirements-service.txt .
+RUN pip install --no-cache-dir --require-hashes -r requirements-service.txt \
     && pip check \
     && groupadd --gid 10001 app \
     && useradd --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
@@ -66,7 +69,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('PORT') or '8000'), timeout=4)"]
 
-# PID 1 is dumb-init (from requirements-runtime.txt): the kernel drops a SIGKILL, and
+# PID 1 is dumb-init (from requirements-service.txt): the kernel drops a SIGKILL, and
 # any signal without a handler, that PID 1 gets from inside the container, so with
 # uvicorn as PID 1 /shutdown?mode=crash would not kill it. The shell only reads HOST
 # and PORT and replaces itself with uvicorn (exec), so dumb-init forwards docker

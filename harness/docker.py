@@ -1,10 +1,11 @@
 """A real Docker engine for the tests: find it, build the project's image, run containers
 on host networking, run docker-compose.yml, and clean up after them.
 
-The engine is whatever ``docker`` reaches (``DOCKER_HOST``); on these machines
-``../shared/docker/engine.sh`` starts one with no bridge network, so every container
-here runs with ``--network host`` (or ``--network none``) and a compose file is
-rewritten to host networking (:func:`host_network_compose`). No Docker network is
+The engine is whatever ``docker`` reaches (``DOCKER_HOST``), prepared by the
+repository's ``.ci/engine.sh``: an engine that already works (it pulls the base
+images), or a private one with no bridge network and local stand-ins. Either way
+every container here runs with ``--network host`` (or ``--network none``) and a
+compose file is rewritten to host networking (:func:`host_network_compose`). No Docker network is
 ever created. Secrets never reach a command line: ``-e NAME`` takes the value from
 the environment of the ``docker`` process.
 """
@@ -30,7 +31,7 @@ from harness import REPO
 from harness.proc import wait_for
 
 BASE_IMAGE = "python:3.12-slim"
-ENGINE_SCRIPT = "../shared/docker/engine.sh"
+ENGINE_SCRIPT = ".ci/engine.sh"  # relative to the repository (REPO)
 # Every container and compose project a test session starts carries this label, with
 # the session's id as its value: cleanup removes its own, never another session's.
 LABEL = "experiment6.test"
@@ -62,10 +63,10 @@ def engine_problem() -> str | None:
         return f"the Docker engine at {where} did not answer within 30 s"
     if probe.returncode != 0:
         return (
-            f"no Docker engine at {where} ({probe.stderr.strip()[:200]}); here, start one: "
+            f"no Docker engine at {where} ({probe.stderr.strip()[:200]}); prepare one: "
             f'`{ENGINE_SCRIPT} base && {ENGINE_SCRIPT} postgres; eval "$({ENGINE_SCRIPT} env)"`'
         )
-    # Never a pull: no registry is reachable here (and none may be tried).
+    # Never a pull from a test: the engine script decides whether a registry is there.
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
         return missing_image(BASE_IMAGE, "base")
     return None
@@ -73,8 +74,8 @@ def engine_problem() -> str | None:
 
 def missing_image(image: str, engine_step: str) -> str:
     return (
-        f"the engine has no {image} image; here: `{ENGINE_SCRIPT} {engine_step}` (a stand-in, "
-        f"no registry is reachable); elsewhere: `docker pull {image}`"
+        f"the engine has no {image} image: `{ENGINE_SCRIPT} {engine_step}` (pulls it, or "
+        f"builds a stand-in where no registry is reachable)"
     )
 
 

@@ -29,19 +29,13 @@ def master_pid() -> int | None:
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # "pid (comm) state ppid ...": comm may hold spaces, split after ")".
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                found.append(int(entry))
-    return found
+    """The processes whose parent is ``pid`` (none once ``pid`` is gone)."""
+    import psutil  # here: only a crash of a multi-worker server needs it
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def stop_server() -> None:

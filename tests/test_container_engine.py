@@ -1,7 +1,7 @@
 """The Docker image on a real engine: every README claim for `docker run` and compose.
 
 The project's Dockerfile is built unmodified, once per test session, on the engine
-``docker`` reaches (``../shared/docker/engine.sh`` starts one; ``.ci/run`` does). Every
+``docker`` reaches (``.ci/engine.sh`` prepares one; ``.ci/run`` calls it). Every
 container runs with ``--network host`` on its own port (PORT) and listens on
 127.0.0.1 (HOST). Without an engine these tests skip with the reason; under CI=true
 they fail instead.
@@ -35,7 +35,10 @@ from harness.proc import free_port, parse_json_lines
 # Generous: the first test also builds the image (about a minute from scratch).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-RUNTIME_LOCK = REPO / "requirements-runtime.txt"
+SERVICE_LOCK = REPO / "requirements-service.txt"
+# The image's budget, in Docker's units (`docker images`: 1 MB = 10**6 bytes), base
+# included. docs/service.md states what was measured.
+MAX_IMAGE_BYTES = 200_000_000
 GRACE = 10  # docker stop's default: SIGTERM, then SIGKILL after this many seconds
 UID = "10001"
 # A fan-out still running when it is stopped: 60 steps, the last 30 of them fib(31)
@@ -165,7 +168,7 @@ def json_logs(container: hd.Container, *secret: str) -> list[dict[str, Any]]:
 # --- the image as built ---------------------------------------------------------------
 
 
-def test_pip_freeze_in_the_image_equals_the_runtime_lock(image: str) -> None:
+def test_pip_freeze_in_the_image_equals_the_service_lock(image: str) -> None:
     def inside(*cmd: str) -> str:
         return hd.docker(
             "run", "--rm", "--network", "none", "--entrypoint", cmd[0], image, *cmd[1:]
@@ -182,9 +185,18 @@ def test_pip_freeze_in_the_image_equals_the_runtime_lock(image: str) -> None:
         assert version, f"not a pinned distribution: {line!r}"
         frozen[hd.normalize(name)] = version
     frozen.pop("pip")  # the base image's own installer, not the app's
-    assert frozen == hd.lock_pins(RUNTIME_LOCK, environment)
+    assert frozen == hd.lock_pins(SERVICE_LOCK, environment)
     # pip check: no dependency of an installed package is missing or of a wrong version.
     assert "No broken requirements" in inside("pip", "check")
+
+
+def test_the_image_stays_within_its_size_budget(image: str) -> None:
+    size = int(hd.docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
+    base = int(hd.docker("image", "inspect", "-f", "{{.Size}}", hd.BASE_IMAGE).stdout)
+    print(f"image {size / 1e6:.1f} MB = base {base / 1e6:.1f} MB + {(size - base) / 1e6:.1f} MB")
+    assert size <= MAX_IMAGE_BYTES, (
+        f"{image}: {size / 1e6:.1f} MB (base {base / 1e6:.1f} MB) > {MAX_IMAGE_BYTES / 1e6:.0f} MB"
+    )
 
 
 def test_the_build_context_holds_only_what_copy_needs(image: str, tmp_path: Path) -> None:
@@ -469,7 +481,7 @@ def test_compose_runs_the_projects_services_for_real(
     """docker-compose.yml's services, with the stand-in postgres:17, on host networking."""
     need(None if hd.compose_cli() else "no docker compose CLI (Debian: docker-compose)")
     if hd.docker("image", "inspect", "postgres:17", check=False).returncode != 0:
-        need(hd.missing_image("postgres:17", "postgres"))  # never a pull
+        need(hd.missing_image("postgres:17", "postgres"))  # a test never pulls
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     app_port, pg_port = free_port(), free_port()
     variant = hd.host_network_compose(compose, image, app_port, pg_port)
