@@ -31,7 +31,7 @@ from dockerfile_parse import DockerfileParser
 from sqlalchemy.engine import make_url
 
 from harness import REPO
-from harness.docker import compose_cli, lock_pins, normalize
+from harness.docker import ENGINE_SCRIPT, compose_cli, lock_pins, normalize
 
 DOCKERFILE = REPO / "Dockerfile"
 SERVICE_LOCK = REPO / "requirements-service.txt"
@@ -230,6 +230,37 @@ def test_service_lock_installs_from_wheels_on_the_images_python_3_12(tmp_path: P
             "os_name": "posix",
         }
         assert resolved == lock_pins(SERVICE_LOCK, environment), arch
+
+
+# --- CI uses only what the repository holds --------------------------------------
+
+
+def test_ci_and_the_harness_name_only_the_repositorys_engine_script() -> None:
+    run = (REPO / ".ci" / "run").read_text()
+    assert (REPO / ENGINE_SCRIPT).is_file() and f"ENGINE={ENGINE_SCRIPT}" in run
+    for path in (REPO / ".ci" / "run", REPO / ENGINE_SCRIPT, REPO / "harness" / "docker.py"):
+        assert not re.search(r"\.\./\w", path.read_text()), f"{path.name} reaches outside"
+
+
+def engine(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The engine script with only PATH and ``env`` (no DOCKER_HOST unless given)."""
+    return subprocess.run(
+        ["bash", str(REPO / ENGINE_SCRIPT), *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_engine_script_chooses_its_private_engine_when_none_answers(tmp_path: Path) -> None:
+    nowhere = f"unix://{tmp_path}/none.sock"
+    own = f"export DOCKER_HOST=unix://{tmp_path}/state/docker.sock"
+    assert engine("env", STATE=f"{tmp_path}/state", DOCKER_HOST=nowhere).stdout.strip() == own
+    forced = engine("daemon", ENGINE="existing", STATE=f"{tmp_path}/state", DOCKER_HOST=nowhere)
+    assert forced.returncode == 1 and f"no Docker engine answers at {nowhere}" in forced.stderr
+    bad = engine("env", ENGINE="bogus", STATE=f"{tmp_path}/state")
+    assert bad.returncode == 2 and "ENGINE must be" in bad.stderr
 
 
 # --- docker-compose.yml and dbos-config.yaml -------------------------------------

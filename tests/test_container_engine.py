@@ -190,6 +190,28 @@ def test_pip_freeze_in_the_image_equals_the_service_lock(image: str) -> None:
     assert "No broken requirements" in inside("pip", "check")
 
 
+def test_engine_script_uses_a_working_engine_as_it_is(tmp_path: Path) -> None:
+    """An engine the script did not start (its STATE is elsewhere) is used, not replaced;
+    what it already has is not pulled again."""
+    need(hd.engine_problem())
+    # The engine the tests use (DOCKER_HOST, else the default socket), as docker sees it.
+    host = hd.docker("context", "inspect", "-f", "{{.Endpoints.docker.Host}}").stdout.strip()
+    env = {"PATH": os.environ["PATH"], "DOCKER_HOST": host, "STATE": str(tmp_path / "state")}
+    script = str(REPO / hd.ENGINE_SCRIPT)
+
+    def call(step: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", script, step], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    assert call("env").stdout.strip() == f"export DOCKER_HOST={host}"
+    base = call("base")
+    assert base.returncode == 0, base.stderr
+    assert f"using the engine at {host}" in base.stderr
+    assert f"{hd.BASE_IMAGE} already present" in base.stderr and "docker pull" not in base.stderr
+    assert not (tmp_path / "state").exists()  # no daemon of its own, no stand-in built
+
+
 def test_the_image_stays_within_its_size_budget(image: str) -> None:
     size = int(hd.docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
     base = int(hd.docker("image", "inspect", "-f", "{{.Size}}", hd.BASE_IMAGE).stdout)
