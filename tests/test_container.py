@@ -237,7 +237,7 @@ def test_service_lock_installs_from_wheels_on_the_images_python_3_12(tmp_path: P
 
 def test_ci_and_the_harness_name_only_the_repositorys_engine_script() -> None:
     run = (REPO / ".ci" / "run").read_text()
-    assert (REPO / ENGINE_SCRIPT).is_file() and f"ENGINE={ENGINE_SCRIPT}" in run
+    assert (REPO / ENGINE_SCRIPT).is_file() and f"ENGINE_SH={ENGINE_SCRIPT}" in run
     for path in (REPO / ".ci" / "run", REPO / ENGINE_SCRIPT, REPO / "harness" / "docker.py"):
         assert not re.search(r"\.\./\w", path.read_text()), f"{path.name} reaches outside"
 
