@@ -81,7 +81,7 @@ ADOPT_EVERY_SEC = 1.0
 def fence(slot: int, stopping: bool) -> None:
     """A lost slot: end this process image now; a re-executed single process asks
     for its slot back (a uvicorn worker's replacement finds it by its dead pid)."""
-    signals.fence({REJOIN_ENV: str(slot)}, stopping=stopping)
+    signals.fence(slots.rejoin_env(), stopping=stopping)
 
 
 # Executor ids: every process claims a numbered slot, executor "shutdown-<n>" (lab/slots.py).
@@ -169,10 +169,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     # The sync DBOS APIs refuse to run on the event loop: these run on threads.
     if not waiting:
         await asyncio.to_thread(check_reachable, url)
-    prefer = int(rejoin) if rejoin and rejoin.isdigit() else None
     if rejoin is not None:
         signals.reap_children(timeout=5)  # the fenced image's pool, ending
-    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, prefer=prefer)
+    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, rejoin=rejoin)
     cfg["executor_id"] = slots.executor_id(slot)
     log.info(
         "executor slot claimed",

@@ -61,7 +61,8 @@ FENCE_CHECK_SEC = 0.2
 # A rejoining process (a fenced one, re-executed; a uvicorn worker) tries this often
 # to reach the database and claim a slot.
 REJOIN_RETRY_SEC = 0.5
-# Set by a fenced single process for its next image: the slot it held.
+# Set by a fenced single process for its next image: "<slot>:<owner>", the slot it
+# held and the owner it held it as (that owner is gone: the new image may take it).
 REJOIN_ENV = "SLOT_REJOIN"
 
 _CREATE = f"""
@@ -229,25 +230,36 @@ class ExecutorSlots:
 
     # --- claiming ---------------------------------------------------------------
 
-    def claim(self, url: str, *, wait: bool = False, prefer: int | None = None) -> int:
-        """Claim a slot (``prefer`` first if free, else the lowest free) and start
-        keeping it. ``wait``: retry until the database answers and a slot is free
-        (a rejoining process); otherwise exit with one line."""
+    def rejoin_env(self) -> dict[str, str]:
+        """For the next image of a fenced process: the slot and owner it had."""
+        return {REJOIN_ENV: f"{self.slot}:{self.owner}"}
+
+    def claim(self, url: str, *, wait: bool = False, rejoin: str | None = None) -> int:
+        """Claim a slot and start keeping it: the lowest free one, or after a fence
+        (``rejoin``: the previous image's ``REJOIN_ENV``) the one it held, if free.
+        ``wait``: retry until the database answers and a slot is free (a rejoining
+        process); otherwise exit with one line."""
         self._url = url
+        prefer, previous = None, None
+        if rejoin and rejoin.partition(":")[0].isdigit():
+            prefer, previous = int(rejoin.partition(":")[0]), rejoin.partition(":")[2]
+        waited = False
         if database_kind(url) == "sqlite":
             return self._claim_sqlite(url)
         while True:
             try:
-                slot = self._try_claim(prefer)
+                slot = self.try_claim(url, prefer, previous)
+                problem = f"all {self.max_slots} executor slots of {self.name} are taken"
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out
-                if not wait:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    fail(f"cannot reach the system database: {first}")
-                slot = None
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                slot, problem = None, f"cannot reach the system database: {first}"
             if slot is not None:
                 break
             if not wait:
-                fail(f"all {self.max_slots} executor slots of {self.name} are taken")
+                fail(problem)
+            if not waited:
+                self.log.warning("waiting to claim an executor slot", extra={"reason": problem})
+                waited = True
             time.sleep(REJOIN_RETRY_SEC)
         self.slot = slot
         self._start(self._keep, "slot-keeper")
@@ -269,10 +281,14 @@ class ExecutorSlots:
         self.slot = 0
         return 0
 
-    def _try_claim(self, prefer: int | None) -> int | None:
-        """One attempt: the slot taken, or None when every slot is held."""
+    def try_claim(
+        self, url: str, prefer: int | None = None, previous: str | None = None
+    ) -> int | None:
+        """One attempt (no keeping): the slot taken, or None when every slot is held.
+        ``previous``: an owner known gone (this process's image before a fence)."""
         import psycopg2
 
+        self._url = url
         try:
             conn = SlotConnection(self._url, self.app)
         except psycopg2.OperationalError as exc:
@@ -285,7 +301,7 @@ class ExecutorSlots:
         try:
             conn.rows(_CREATE)
             leases = {lease.slot: lease for lease in self.leases(conn)}
-            dead = self.dead_owners(leases.values())
+            dead = self.dead_owners(leases.values()) + ([previous] if previous else [])
             order = list(range(self.max_slots))
             if prefer is not None and 0 <= prefer < self.max_slots:
                 order.remove(prefer)
@@ -308,15 +324,15 @@ class ExecutorSlots:
     def dead_owners(self, leases: Any) -> list[str]:
         """Owners of live-looking leases known dead without waiting for expiry: same
         boot and pid namespace as this process, and their pid is gone or another
-        process now, or is this very process (a previous image, before a re-exec)."""
-        space, me = pid_space(), os.getpid()
-        dead = []
-        for lease in leases:
-            if lease.owner == self.owner or lease.pid_space != space:
-                continue
-            if lease.pid == me or start_ticks(lease.pid) != lease.pid_start:
-                dead.append(lease.owner)
-        return dead
+        process now (a crashed or fenced worker, a process killed and restarted)."""
+        space = pid_space()
+        return [
+            lease.owner
+            for lease in leases
+            if lease.owner != self.owner
+            and lease.pid_space == space
+            and start_ticks(lease.pid) != lease.pid_start
+        ]
 
     def _take(self, conn: SlotConnection, slot: int, dead: list[str]) -> bool:
         """The conditional upsert: True when this process now holds ``slot``."""
@@ -467,7 +483,7 @@ class ExecutorSlots:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-        if self.slot is None or database_kind(self._url) != "postgres":
+        if not self._url or database_kind(self._url) != "postgres":
             return
         try:
             conn = SlotConnection(self._url, self.app)
