@@ -84,6 +84,8 @@ def fence(slot: int, stopping: bool) -> None:
     signals.fence(slots.rejoin_env(), stopping=stopping)
 
 
+TRACKER_WARNINGS = "ignore::UserWarning:multiprocessing.resource_tracker"
+
 # Executor ids: every process claims a numbered slot, executor "shutdown-<n>" (lab/slots.py).
 slots = ExecutorSlots(
     APP,
@@ -182,6 +184,11 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             "rejoin": rejoin is not None,
         },
     )
+    # After a fence, the pool's resource tracker outlives the image and frees the pool's
+    # semaphores, warning on stderr (a line that is not JSON): expected then, silenced.
+    filters = os.environ.get("PYTHONWARNINGS", "")
+    if TRACKER_WARNINGS not in filters:
+        os.environ["PYTHONWARNINGS"] = ",".join(w for w in (filters, TRACKER_WARNINGS) if w)
     pool.start(pool_size(), preload=fib.__module__)  # before DBOS: recovery may resume at once
     await asyncio.to_thread(launch, cfg)
     await asyncio.to_thread(pool.ready)
