@@ -25,10 +25,11 @@ the system database whose ``expires_at`` is set by the database's own clock.
   taken (the same conditional upsert, so no process claims them meanwhile), their
   work re-enqueued with ``DBOS._recover_pending_workflows``, and let go. A live lease
   is never adopted.
-- A dead owner on this very machine (same boot and pid namespace, its pid gone or
-  another process now) is known dead without waiting for its lease: a restarted or
-  replacement worker takes its predecessor's slot at once and recovers exactly its
-  work, and so does a process re-executed after a fence.
+- Claiming (never adopting) also takes a live-looking lease whose owner is known
+  dead: on this very machine (same boot and pid namespace) its pid is gone or is
+  another process now, or it is the previous image of a process re-executed after a
+  fence. So a restarted process, or uvicorn's replacement of a dead worker, takes its
+  predecessor's slot at once and recovers exactly its work at launch.
 
 On SQLite there is one process, slot 0, enforced with a lock file (no leases).
 """
@@ -421,14 +422,15 @@ class ExecutorSlots:
             conn.close()
 
     def orphans(self, conn: SlotConnection, version: str) -> dict[int, int]:
-        """slot -> PENDING workflows of this version, for slots no live process holds
-        (lease expired, owner known dead, or no row at all)."""
+        """slot -> PENDING workflows of this version, for slots whose lease has expired
+        (or that never had one). A live lease is never adopted, even one whose owner
+        is known dead: its own replacement (a restarted worker) claims it and
+        recovers its work at launch, without racing an adopter for the slot."""
         leases = {lease.slot: lease for lease in self.leases(conn)}
-        dead = set(self.dead_owners(leases.values()))
         free = [
             s
             for s in range(self.max_slots)
-            if s != self.slot and (s not in leases or leases[s].expired or leases[s].owner in dead)
+            if s != self.slot and (s not in leases or leases[s].expired)
         ]
         ids = {self.executor_id(s): s for s in free}
         params = {"app": self.name, "version": version, "ids": list(ids)}
@@ -442,11 +444,9 @@ class ExecutorSlots:
         orphans = self.orphans(conn, version)
         if not orphans:
             return 0
-        leases = {lease.slot: lease for lease in self.leases(conn)}
-        dead = self.dead_owners(leases.values())
         adopted = 0
         for slot in sorted(orphans):
-            if self._stop_adopting.is_set() or not self._take(conn, slot, dead):
+            if self._stop_adopting.is_set() or not self._take(conn, slot, []):
                 continue  # claimed meanwhile: its new owner recovers its work
             orphan = self.executor_id(slot)
             try:
