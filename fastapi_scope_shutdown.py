@@ -63,6 +63,11 @@ DEFAULT_MAX_N, MAX_MAX_N = 30, 32
 GRACE_SECONDS = 5
 # uvicorn's wait for open connections on a graceful stop.
 UVICORN_GRACEFUL_SEC = 5
+# uvicorn's supervisor kills a worker that does not answer its ping within this long.
+# A worker answers only once it has imported the app (seconds of CPU, many more on a
+# loaded machine): at uvicorn's default, 5 s, workers on a busy 2-core machine were
+# killed before they could answer, in a loop. A hung worker is replaced this much later.
+WORKER_HEALTHCHECK_SEC = 30
 MAX_SLOTS = 32
 # Executor-slot leases (lab/slots.py), timed on the database's clock. A process renews
 # its lease every RENEW_EVERY_SEC; one that could not confirm it for FENCE_SEC stops
@@ -385,6 +390,7 @@ def main() -> None:
         workers=None if workers == 1 else workers,
         log_config=None,
         timeout_graceful_shutdown=UVICORN_GRACEFUL_SEC,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SEC,
     )
 
 
