@@ -37,6 +37,8 @@ STEPS, MAX_N = 150, 32
 # A restart answers /healthz once its pool answers, and the pool takes calls in order:
 # the steps recovered and dequeued at launch (up to the queue's 50) come first.
 RESTART_READY_SEC = 180
+# The rest of the fan-out: tens of CPU-seconds, minutes on a machine shared with others.
+RESTART_FINISH_SEC = 600
 DOCKER_STOP_GRACE = 10  # docker stop's default: SIGTERM, then SIGKILL after this long
 
 
@@ -101,6 +103,7 @@ def assert_reruns_only_in_flight(ledger: Path, workflow_id: str, done_at_stop: s
 # --- a server on this machine: Ctrl-C or kill -TERM -PGID -----------------------------
 
 
+@pytest.mark.timeout(900)
 def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -135,7 +138,7 @@ def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
     again = server("second")
     try:
         again.start(ready_timeout=RESTART_READY_SEC)
-        view = ShutdownClient(again.client).wait_success(workflow_id, timeout=240)
+        view = ShutdownClient(again.client).wait_success(workflow_id, timeout=RESTART_FINISH_SEC)
     finally:
         again.close()
     assert_finished_once(pg_url, workflow_id, view)
@@ -191,7 +194,7 @@ def test_docker_stop_mid_fan_out_records_no_error_and_a_new_container_finishes_i
         second.start()  # same database: the same slot, shutdown-0
         wait_healthy(second, RESTART_READY_SEC)
         with httpx.Client(base_url=second.url, timeout=30) as http:
-            view = ShutdownClient(http).wait_success(workflow_id, timeout=300)
+            view = ShutdownClient(http).wait_success(workflow_id, timeout=RESTART_FINISH_SEC)
     finally:
         for container in (first, second):
             (tmp_path / f"{container.name}.log").write_text(container.logs())
