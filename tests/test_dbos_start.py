@@ -39,8 +39,8 @@ def processes() -> dict[int, tuple[int, int]]:
     return found
 
 
-def descendants(pid: int) -> set[int]:
-    table = processes()
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    table = processes() if table is None else table
     found: set[int] = set()
     frontier = {pid}
     while frontier:
@@ -49,9 +49,31 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def session(sid: int) -> set[int]:
+def session(sid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
     """The processes of session ``sid``: re-parented orphans included."""
-    return {p for p, (_, s) in processes().items() if s == sid}
+    table = processes() if table is None else table
+    return {p for p, (_, s) in table.items() if s == sid}
+
+
+def own_session_child(parent: int, timeout: float) -> int:
+    """The child of ``parent`` once it leads a session of its own (its session id is its
+    pid). The fork comes first and the child calls setsid() after it: a child still in
+    its parent's session has not got there yet, so this waits for the state, and fails
+    only if the child never gets there."""
+    seen: dict[int, int] = {}
+
+    def leader() -> int | None:
+        kids = {p: s for p, (pp, s) in processes().items() if pp == parent}
+        seen.update(kids)
+        return next((p for p, s in kids.items() if s == p), None)
+
+    try:
+        child: int = wait_for(leader, timeout, 0.05, "the start command's own session")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"children of {parent} (pid: session) {seen}: none leads a session"
+        ) from exc
+    return child
 
 
 def listening(port: int) -> bool:
@@ -83,14 +105,7 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
     # and every process the command starts stays in it, even once re-parented.
     sid = 0
     try:
-
-        def start_command() -> int | None:
-            children = [p for p, (parent, _) in processes().items() if parent == proc.pid]
-            return children[0] if children else None
-
-        child = wait_for(start_command, 30, 0.05, "dbos start to run its start command")
-        sid = processes()[child][1]
-        assert sid == child  # a session of its own
+        sid = own_session_child(proc.pid, 30)
 
         def healthy() -> dict | None:
             if proc.poll() is not None:
@@ -114,8 +129,9 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
             return seen == {"shutdown-0", "shutdown-1"}
 
         wait_for(both_workers, 60, 0.05, "both uvicorn workers to answer")
-        started = session(sid)
-        assert started == descendants(proc.pid)
+        table = processes()  # one snapshot for both views
+        started = session(sid, table)
+        assert started == descendants(proc.pid, table)
         # the shell's command (uvicorn's supervisor) and its 2 worker processes at least
         assert len(started) >= 3, started
 

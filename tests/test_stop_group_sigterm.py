@@ -1,0 +1,213 @@
+"""A group SIGTERM does not fail a computation.
+
+Ctrl-C in a terminal and ``docker stop`` (dumb-init signals the whole process group)
+reach the pool's processes as well as the server. The pool processes must not die of
+it and turn the steps in flight into recorded errors: the server stops gracefully,
+nothing of the fan-out is recorded as ERROR, and the next start finishes the fan-out
+with each step recorded once. Checked from the system database's rows, on a server
+signalled with ``os.killpg`` and on the Docker image stopped with ``docker stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import harness.docker as hd
+from harness import REPO
+from harness.apps import shutdown_app as demo
+from harness.clients import ShutdownClient
+from harness.db import query
+from harness.env import remember_secrets
+from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.proc import free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROCESSES = 2  # FIB_PROCESSES: the pool's processes
+# 118 steps of fib(32), ~0.2 s of CPU each: tens of seconds on two processes, so the
+# fan-out is still running when the grace period ends and the restart has work to do.
+STEPS, MAX_N = 150, 32
+# A restart answers /healthz once its pool answers, and the pool takes calls in order:
+# the steps recovered and dequeued at launch (up to the queue's 50) come first.
+RESTART_READY_SEC = 180
+# The rest of the fan-out: tens of CPU-seconds, minutes on a machine shared with others.
+RESTART_FINISH_SEC = 600
+DOCKER_STOP_GRACE = 10  # docker stop's default: SIGTERM, then SIGKILL after this long
+
+
+def wait_in_flight(db_url: str, workflow_id: str, at_least: int) -> dict[int, dict[str, Any]]:
+    """The fan-out's steps once ``at_least`` of its fib(MAX_N) steps are dequeued and
+    unfinished (the small first steps end within milliseconds: the signal must not land
+    in a gap between them)."""
+    found: dict[int, dict[str, Any]] = wait_for(
+        lambda: (
+            (kids := children(db_url, workflow_id))
+            and sum(c["status"] == "PENDING" for i, c in kids.items() if i >= MAX_N) >= at_least
+            and kids
+        ),
+        120,
+        0.05,
+        f"{at_least} big steps of {workflow_id} in flight",
+    )
+    return found
+
+
+def done(steps: dict[int, dict[str, Any]]) -> set[int]:
+    return {i for i, c in steps.items() if c["status"] == "SUCCESS"}
+
+
+def assert_stopped_without_error(db_url: str, workflow_id: str) -> set[int]:
+    """No ERROR row for the fan-out or any step (a pool process killed by the signal
+    fails every step waiting on the pool while DBOS still records), and the fan-out is
+    unfinished. Returns the steps done at the stop."""
+    errors = query(
+        db_url,
+        "SELECT workflow_uuid FROM dbos.workflow_status "
+        "WHERE (workflow_uuid = %s OR parent_workflow_id = %s) AND status = 'ERROR'",
+        workflow_id,
+        workflow_id,
+    )
+    assert errors == [], f"the stop recorded ERROR for {[e[0] for e in errors]}"
+    parent = query(
+        db_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = %s", workflow_id
+    )
+    assert parent == [("PENDING",)], "the fan-out ended before the stop: nothing to recover"
+    return done(children(db_url, workflow_id))
+
+
+def assert_finished_once(db_url: str, workflow_id: str, view: dict[str, Any]) -> None:
+    """The restart's result is right and every step recorded exactly one output."""
+    assert (view["status"], view["result"]) == ("SUCCESS", fan_out_result(STEPS, MAX_N))
+    after = children(db_url, workflow_id)
+    assert sorted(after) == list(range(STEPS))
+    assert {c["status"] for c in after.values()} == {"SUCCESS"}
+    assert {c["outputs"] for c in after.values()} == {1}
+
+
+def assert_reruns_only_in_flight(ledger: Path, workflow_id: str, done_at_stop: set[int]) -> None:
+    """Every body ran; the ones recorded before the stop ran once."""
+    runs = ledger_runs(ledger, workflow_id)
+    assert set(runs) == set(range(STEPS))
+    assert {i: runs[i] for i in done_at_stop} == dict.fromkeys(done_at_stop, 1)
+
+
+# --- a server on this machine: Ctrl-C or kill -TERM -PGID -----------------------------
+
+
+@pytest.mark.timeout(900)
+def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+
+    def server(name: str) -> Any:
+        return demo_server(
+            pg_url,
+            tmp_path / f"{name}.log",
+            ledger=ledger,
+            env={"FIB_PROCESSES": str(PROCESSES)},
+            ready_path="/healthz",
+        )
+
+    first = server("first").start()
+    try:
+        assert first.proc is not None
+        workflow_id = ShutdownClient(first.client).trigger(STEPS, MAX_N, executor="process")
+        wait_in_flight(pg_url, workflow_id, at_least=PROCESSES + 2)
+        # The whole process group (AppServer starts the server as a group leader): the
+        # server, its pool processes and multiprocessing's resource tracker.
+        os.killpg(first.proc.pid, signal.SIGTERM)
+        code = first.wait_exit(timeout=demo.GRACE_SECONDS + 30)
+    finally:
+        first.close()
+    # uvicorn re-raises the SIGTERM after its graceful stop.
+    assert code == -signal.SIGTERM, f"exit {code}:\n{first.log_tail(30)}"
+    messages = [r["message"] for r in first.records()]
+    assert messages.index("DBOS successfully shut down") > messages.index("stopping DBOS")
+    done_at_stop = assert_stopped_without_error(pg_url, workflow_id)
+
+    again = server("second")
+    try:
+        again.start(ready_timeout=RESTART_READY_SEC)
+        view = ShutdownClient(again.client).wait_success(workflow_id, timeout=RESTART_FINISH_SEC)
+    finally:
+        again.close()
+    assert_finished_once(pg_url, workflow_id, view)
+    assert_reruns_only_in_flight(ledger, workflow_id, done_at_stop)
+
+
+# --- the image: docker stop ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The project's image, from its Dockerfile as it is (tests/test_container_engine.py
+    builds the same tag: the second build of a session is all cached layers)."""
+    problem = hd.engine_problem()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI runs the container tests on a real engine: {problem}")
+        pytest.skip(problem)
+    tag = hd.image_tag()
+    hd.build_image(tag, REPO, tmp_path_factory.mktemp("docker-build") / "build.txt")
+    yield tag
+    hd.remove_session_containers()
+
+
+@pytest.mark.timeout(900)
+def test_docker_stop_mid_fan_out_records_no_error_and_a_new_container_finishes_it(
+    image: str, pg_url: str, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    os.chmod(ledger, 0o777)  # the container's user appends to it
+    env = {
+        "DBOS_SYSTEM_DATABASE_URL": pg_url,
+        "FIB_LEDGER": "/ledger/runs.txt",
+        "FIB_PROCESSES": str(PROCESSES),
+    }
+    remember_secrets(env)
+    options = ["--volume", f"{ledger}:/ledger"]
+    first = hd.Container(image, free_port(), env, options)
+    second = hd.Container(image, free_port(), env, options)
+    try:
+        first.start()
+        wait_healthy(first)
+        with httpx.Client(base_url=first.url, timeout=30) as http:
+            workflow_id = ShutdownClient(http).trigger(STEPS, MAX_N, executor="process")
+        wait_in_flight(pg_url, workflow_id, at_least=PROCESSES + 2)
+        code, took = first.stop(DOCKER_STOP_GRACE)
+        # 143: uvicorn stopped on the SIGTERM and re-raised it (137: SIGKILL at the end of
+        # docker's grace).
+        assert code == 143, f"exit {code} after {took:.1f} s:\n{first.logs()[-3000:]}"
+        done_at_stop = assert_stopped_without_error(pg_url, workflow_id)
+
+        second.start()  # same database: the same slot, shutdown-0
+        wait_healthy(second, RESTART_READY_SEC)
+        with httpx.Client(base_url=second.url, timeout=30) as http:
+            view = ShutdownClient(http).wait_success(workflow_id, timeout=RESTART_FINISH_SEC)
+    finally:
+        for container in (first, second):
+            (tmp_path / f"{container.name}.log").write_text(container.logs())
+            container.remove()
+    assert_finished_once(pg_url, workflow_id, view)
+    assert_reruns_only_in_flight(ledger / "runs.txt", workflow_id, done_at_stop)
+
+
+def wait_healthy(container: hd.Container, timeout: float = 180) -> None:
+    def serving() -> bool:
+        if not container.running():
+            raise AssertionError(f"{container.name} exited:\n{container.logs()[-3000:]}")
+        try:
+            return httpx.get(f"{container.url}/healthz", timeout=10).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    hd.wait_until(serving, timeout, f"{container.name} to serve")
