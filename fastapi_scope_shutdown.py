@@ -283,7 +283,12 @@ async def trigger_async(
         )
     workflow_id = KEYED_ID_PREFIX + idempotency_key if idempotency_key else None
     args = (steps, max_n, executor)
-    refusal = await admission.refusal(steps)
+    async with admission.decide(steps) as refusal:
+        if refusal is None:
+            try:
+                started = await asyncio.to_thread(_start, workflow_id, *args)
+            except DBOSWorkflowIDInUseError:
+                started = None
     if refusal is not None:
         # A retry of an admitted request is answered even when the service is full.
         known = await _existing(workflow_id, args) if workflow_id else None
@@ -291,12 +296,10 @@ async def trigger_async(
             return known
         headers = {"Retry-After": str(refusal["retry_after"])}
         return JSONResponse(refusal, status_code=429, headers=headers)
-    try:
-        started = await asyncio.to_thread(_start, workflow_id, *args)
-    except DBOSWorkflowIDInUseError:
+    if started is None:  # the key's workflow exists: this start inserted nothing
         assert workflow_id is not None
         known = await _existing(workflow_id, args)
-        assert known is not None  # rows are not deleted while the service runs
+        assert known is not None  # the service deletes no rows
         return known
     # The status the start just wrote: no second round trip to read it back.
     return {"workflow_id": started, "status": "PENDING"}

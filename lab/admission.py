@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,7 +48,14 @@ def backlog_sql(kind: str) -> str:
 
 
 class Admission:
-    """Admit a fan-out of ``steps`` while the service's backlog stays within ``bound``."""
+    """Admit a fan-out of ``steps`` while the service's backlog stays within ``bound``.
+
+    Deciding and starting must not interleave with another trigger's: requests counted
+    at the same moment would all see the same room. ``decide`` holds a lock from the
+    count until the caller has started its fan-out: an asyncio lock within a process,
+    and on Postgres a session advisory lock, so replicas take turns too (a dead
+    process's lock goes with its connection).
+    """
 
     def __init__(
         self, url: str, app: str, workflow_name: str, bound: int, drain_steps_per_sec: float
@@ -53,27 +63,62 @@ class Admission:
         self.bound = bound
         self.drain_steps_per_sec = drain_steps_per_sec
         self._name = workflow_name
+        self._postgres = database_kind(url) == "postgres"
         self._sql = sa.text(backlog_sql(database_kind(url)))
-        # A small pool of its own: one query per trigger, no connection set-up each time.
+        self._lock_key = zlib.crc32(f"{app_name(app)}-admission".encode())
+        self._local = asyncio.Lock()
         connect_args: dict[str, Any] = {}
-        if database_kind(url) == "postgres":
+        if self._postgres:
             connect_args = {
                 "connect_timeout": CONNECT_TIMEOUT_SEC,
                 "application_name": f"{app_name(app)}-admission",
             }
+        # A small pool of its own: no connection set-up per trigger.
         self._engine = sa.create_engine(
-            url, pool_size=2, max_overflow=4, pool_pre_ping=True, connect_args=connect_args
+            url, pool_size=2, max_overflow=2, pool_pre_ping=True, connect_args=connect_args
         )
 
-    def backlog(self) -> int:
+    def backlog(self, conn: sa.Connection | None = None) -> int:
         """Steps admitted and not finished, across every process of the service."""
-        with self._engine.connect() as conn:
-            return int(conn.execute(self._sql, {"name": self._name}).scalar_one())
+        if conn is None:
+            with self._engine.connect() as own:
+                return self.backlog(own)
+        found = int(conn.execute(self._sql, {"name": self._name}).scalar_one())
+        conn.commit()  # end the read: the next count sees what committed since
+        return found
 
-    async def refusal(self, steps: int) -> dict[str, Any] | None:
-        """None when a fan-out of ``steps`` fits under the bound, else why not, with
-        ``retry_after`` (seconds until the excess should have drained)."""
-        backlog = await asyncio.to_thread(self.backlog)
+    def _enter(self) -> tuple[sa.Connection, int]:
+        conn = self._engine.connect()
+        try:
+            if self._postgres:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": self._lock_key})
+                conn.commit()
+            return conn, self.backlog(conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _leave(self, conn: sa.Connection) -> None:
+        try:
+            if self._postgres:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": self._lock_key})
+                conn.commit()
+        finally:
+            conn.close()
+
+    @asynccontextmanager
+    async def decide(self, steps: int) -> AsyncIterator[dict[str, Any] | None]:
+        """Yields None when a fan-out of ``steps`` fits under the bound (start it inside
+        the block), else why not, with ``retry_after`` (seconds until the excess should
+        have drained)."""
+        async with self._local:
+            conn, backlog = await asyncio.to_thread(self._enter)
+            try:
+                yield self._refusal(backlog, steps)
+            finally:
+                await asyncio.to_thread(self._leave, conn)
+
+    def _refusal(self, backlog: int, steps: int) -> dict[str, Any] | None:
         excess = backlog + steps - self.bound
         if excess <= 0:
             return None
