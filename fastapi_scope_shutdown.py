@@ -201,11 +201,12 @@ app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KEYED_ID_PREFIX = "trigger-"
 # Admitted steps not finished yet, across the service (lab/admission.py). The default
-# drains in about a minute: DRAIN_STEPS_PER_SEC is what this 2-core machine finished of
-# default fan-outs (50 steps, max_n 30, process pool) back to back
-# (docs/fastapi_scope_shutdown.md, "Overload").
-DRAIN_STEPS_PER_SEC = 25.0
-DEFAULT_MAX_QUEUED_STEPS, MAX_MAX_QUEUED_STEPS = 1500, 1_000_000
+# drains in about a minute: 7.6 steps/s is what this 2-core machine, shared by other
+# jobs, finished of default fan-outs (50 steps, max_n 30, process pool) admitted at once
+# (reliability load area, "overload": 300 steps in 39.5 s), so 500 steps (ten default
+# fan-outs, or one of MAX_STEPS) take about 66 s. Retry-After divides the excess by it.
+DRAIN_STEPS_PER_SEC = 7.6
+DEFAULT_MAX_QUEUED_STEPS, MAX_MAX_QUEUED_STEPS = 500, 1_000_000
 admission: Admission | None = None  # made at startup, once the URL is known
 
 
