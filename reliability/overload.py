@@ -249,25 +249,30 @@ def run_overload(ctx: Context, bound: int) -> OverloadRun:
     return run
 
 
-def figures(run: OverloadRun) -> list[Figure]:
+def _answers(run: OverloadRun, tag: str) -> Figure:
     statuses: dict[str, int] = {}
     for r in run.replies:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
     wrong = [r for r in run.replies if not r.correct]
-    admitted = len(run.accepted) * STEPS
+    return promise(
+        AREA,
+        f"{tag}: answers",
+        dict(sorted(statuses.items())),
+        not wrong and bool(run.accepted),
+        "202 or 429 + Retry-After",
+        f"{len(run.replies)} fan-outs of {STEPS} steps at once; "
+        f"{len(run.accepted) * STEPS} steps admitted"
+        + (f"; wrong: {wrong[0].text[:80]}" if wrong else ""),
+    )
+
+
+def figures(run: OverloadRun) -> list[Figure]:
     idle, busy = p95(run.idle_health), p95(run.burst_health)
+    admitted = len(run.accepted) * STEPS
     rate = admitted / run.drain_seconds if run.drain_seconds else 0.0
     tag = f"overload {FACTOR}x MAX_QUEUED_STEPS={run.bound}"
     return [
-        promise(
-            AREA,
-            f"{tag}: answers",
-            dict(sorted(statuses.items())),
-            not wrong and bool(run.accepted),
-            "202 or 429 + Retry-After",
-            f"{len(run.replies)} fan-outs of {STEPS} steps at once; "
-            f"{admitted} steps admitted" + (f"; wrong: {wrong[0].text[:80]}" if wrong else ""),
-        ),
+        _answers(run, tag),
         promise(
             AREA,
             f"{tag}: backlog peak",
