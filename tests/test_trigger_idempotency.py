@@ -161,3 +161,28 @@ def test_two_replicas_receiving_one_key_at_once_start_one_fan_out(
         for key in keys:
             assert_ran_once(pg_url, tmp_path, demo.KEYED_ID_PREFIX + key, api)
     assert fan_outs(pg_url) == sorted(demo.KEYED_ID_PREFIX + k for k in keys)
+
+
+def test_in_process_one_key_one_fan_out_bad_keys_400_other_parameters_409(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same contract with DBOS in the test process (the fast tier): the app's own
+    lifespan on SQLite, reached through Starlette's TestClient."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("DBOS_SYSTEM_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("FIB_PROCESSES", "1")
+    with TestClient(demo.app) as client:
+        api = ShutdownClient(client)
+        first = api.trigger_async(2, 1, key="in-process")
+        assert first.status_code == 202, first.text
+        again = api.trigger_async(2, 1, key="in-process")
+        assert again.status_code == 200, again.text
+        assert again.json()["workflow_id"] == first.json()["workflow_id"] == "trigger-in-process"
+        other = api.trigger_async(3, 1, key="in-process")
+        assert other.status_code == 409, other.text
+        bad = api.trigger_async(2, 1, key="no spaces")
+        assert bad.status_code == 400, bad.text
+        api.wait_success("trigger-in-process", timeout=60)
+    assert fan_outs(sqlite_url) == ["trigger-in-process"]
+    assert sorted(children(sqlite_url, "trigger-in-process")) == [0, 1]
