@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from dbos import DBOS, SetWorkflowID
+from dbos import DBOS, SetWorkflowAttributes, SetWorkflowID
+from dbos._error import DBOSWorkflowIDInUseError
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from lab import config, logs, page, pool, signals
+from lab.admission import STEPS_ATTRIBUTE, Admission
 from lab.health import HealthCheck
 from lab.launch import check_reachable, launch
 from lab.slots import REJOIN_ENV, ExecutorSlots
@@ -169,7 +173,7 @@ def every_five_seconds(scheduled_time: datetime, context: Any) -> None:
 
 async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
     """Claim a slot, start the pool and DBOS, register the queue and the schedule."""
-    global serving
+    global serving, admission
     url = cfg["system_database_url"]
     # A process fenced and re-executed, or a uvicorn worker (perhaps the replacement
     # of a fenced one), waits for the database and a free slot; a first start of a
@@ -191,9 +195,9 @@ async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
     )
     # After a fence, the pool's resource tracker outlives the image and frees the pool's
     # semaphores, warning on stderr (a line that is not JSON): expected then, silenced.
-    filters = os.environ.get("PYTHONWARNINGS", "")
-    if TRACKER_WARNINGS not in filters:
-        os.environ["PYTHONWARNINGS"] = ",".join(w for w in (filters, TRACKER_WARNINGS) if w)
+    # The tracker is started with this interpreter's -W options (sys.warnoptions).
+    if TRACKER_WARNINGS not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_WARNINGS)
     pool.start(pool_size(), preload=fib.__module__)  # before DBOS: recovery may resume at once
     await asyncio.to_thread(launch, cfg)
     await asyncio.to_thread(pool.ready)
@@ -206,6 +210,7 @@ async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
     await DBOS.apply_schedules_async(
         [{"schedule_name": SCHEDULE, "workflow_fn": every_five_seconds, "schedule": CRON}]
     )
+    admission = Admission(url, APP, fan_out.__qualname__, max_queued_steps(), DRAIN_STEPS_PER_SEC)
     slots.start_adopting()
     serving = True
     log.info("serving", extra={"database": config.redacted(url), "executor_id": DBOS.executor_id})
@@ -266,7 +271,71 @@ async def rejoining(request: Request, call_next: Any) -> Any:
 app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX_STEPS))
 
 
-@app.post("/trigger_async", status_code=202)
+# --- the trigger: idempotency keys and admission control -------------------
+
+# Idempotency-Key: the client's name for one request. The fan-out's workflow id is
+# derived from it, so DBOS's unique workflow ids make a retry find the first start,
+# on any replica and after restarts, for as long as the workflow's row exists.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+KEYED_ID_PREFIX = "trigger-"
+# Admitted steps not finished yet, across the service (lab/admission.py). The default
+# drains in about a minute: 7.6 steps/s is what this 2-core machine, shared by other
+# jobs, finished of default fan-outs (50 steps, max_n 30, process pool) admitted at once
+# (reliability load area, "overload": 300 steps in 39.5 s), so 500 steps (ten default
+# fan-outs, or one of MAX_STEPS) take about 66 s. Retry-After divides the excess by it.
+DRAIN_STEPS_PER_SEC = 7.6
+DEFAULT_MAX_QUEUED_STEPS, MAX_MAX_QUEUED_STEPS = 500, 1_000_000
+admission: Admission | None = None  # made at startup, once the URL is known
+
+
+def max_queued_steps() -> int:
+    return config.int_env("MAX_QUEUED_STEPS", DEFAULT_MAX_QUEUED_STEPS, 1, MAX_MAX_QUEUED_STEPS)
+
+
+def _start(workflow_id: str | None, steps: int, max_n: int, executor: Executor) -> str:
+    """Start the fan-out (on a thread: the sync DBOS API); with an id, only if no
+    workflow has it yet (DBOSWorkflowIDInUseError otherwise: one insert decides)."""
+    ids = (
+        SetWorkflowID(workflow_id, workflow_id_reuse_policy="reject")
+        if workflow_id
+        else nullcontext()
+    )
+    with ids, SetWorkflowAttributes({STEPS_ATTRIBUTE: steps}):
+        return DBOS.start_workflow(fan_out, steps, max_n, executor).workflow_id
+
+
+async def _existing(workflow_id: str, args: tuple[Any, ...]) -> JSONResponse | None:
+    """The answer to a key already used: 200 with the same id, or 409 when its
+    recorded inputs differ; None when no workflow has the id."""
+    found = await DBOS.list_workflows_async(workflow_ids=[workflow_id], load_input=True)
+    if not found:
+        return None
+    wf = found[0]
+    recorded = tuple(wf.input["args"]) if wf.input else ()
+    if wf.name != fan_out.__qualname__ or recorded != args:
+        theirs = dict(zip(("steps", "max_n", "executor"), recorded, strict=False))
+        return JSONResponse(
+            {
+                "detail": "Idempotency-Key already used with other parameters: "
+                f"{theirs}; send a new key for a new fan-out",
+                "workflow_id": workflow_id,
+            },
+            status_code=409,
+        )
+    return JSONResponse({"workflow_id": workflow_id, "status": wf.status}, status_code=200)
+
+
+@app.post(
+    "/trigger_async",
+    status_code=202,
+    responses={
+        200: {"description": "Idempotency-Key already used with these parameters: that fan-out"},
+        400: {"description": "malformed Idempotency-Key; the reason"},
+        409: {"description": "Idempotency-Key already used with other parameters"},
+        422: {"description": "a parameter out of range, or more steps than MAX_QUEUED_STEPS"},
+        429: {"description": "backlog over MAX_QUEUED_STEPS; Retry-After says when to retry"},
+    },
+)
 async def trigger_async(
     steps: Annotated[
         int, Query(ge=1, le=MAX_STEPS, description=f"number of steps, 1..{MAX_STEPS}")
@@ -278,11 +347,41 @@ async def trigger_async(
         Executor,
         Query(description="where fib runs: the service's process pool, or the step thread"),
     ] = "process",
-) -> dict[str, Any]:
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="1..64 of A-Z a-z 0-9 _ . : -; a retry with it gets the same fan-out"),
+    ] = None,
+) -> Any:
     """Start the fan-out in the background; follow it with ``GET /workflows/{id}``."""
-    handle = await asyncio.to_thread(DBOS.start_workflow, fan_out, steps, max_n, executor)
-    status = await DBOS.get_workflow_status_async(handle.workflow_id)
-    return {"workflow_id": handle.workflow_id, "status": status.status if status else "PENDING"}
+    assert admission is not None  # uvicorn serves only after the lifespan's startup
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
+        raise HTTPException(400, "Idempotency-Key must be 1 to 64 of A-Z a-z 0-9 _ . : -")
+    if steps > admission.bound:
+        raise HTTPException(
+            422, f"steps={steps} exceeds MAX_QUEUED_STEPS={admission.bound}: never admitted"
+        )
+    workflow_id = KEYED_ID_PREFIX + idempotency_key if idempotency_key else None
+    args = (steps, max_n, executor)
+    async with admission.decide(steps) as refusal:
+        if refusal is None:
+            try:
+                started = await asyncio.to_thread(_start, workflow_id, *args)
+            except DBOSWorkflowIDInUseError:
+                started = None
+    if refusal is not None:
+        # A retry of an admitted request is answered even when the service is full.
+        known = await _existing(workflow_id, args) if workflow_id else None
+        if known is not None:
+            return known
+        headers = {"Retry-After": str(refusal["retry_after"])}
+        return JSONResponse(refusal, status_code=429, headers=headers)
+    if started is None:  # the key's workflow exists: this start inserted nothing
+        assert workflow_id is not None
+        known = await _existing(workflow_id, args)
+        assert known is not None  # the service deletes no rows
+        return known
+    # The status the start just wrote: no second round trip to read it back.
+    return {"workflow_id": started, "status": "PENDING"}
 
 
 @app.get("/workflows/{workflow_id}", responses={404: {"description": "no such fan-out"}})
@@ -366,6 +465,7 @@ def main() -> None:
     postgres = config.database_kind(url) == "postgres"
     workers = config.int_env("WORKERS", 2 if postgres else 1, 1, MAX_SLOTS)
     pool_size()  # a bad FIB_PROCESSES fails here, before any worker starts
+    max_queued_steps()  # and a bad MAX_QUEUED_STEPS
     if workers > 1 and not postgres:
         logs.fail(
             f"WORKERS={workers} needs Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...): "

@@ -80,6 +80,7 @@ from harness.db import query
 from harness.env import script_env
 from harness.proc import wait_for
 from harness.server import AppServer
+from reliability import overload
 from reliability.core import Context, Figure, info, progress, promise
 
 AREA = "load"
@@ -530,7 +531,8 @@ def figures(run: LoadRun) -> list[Figure]:
 
 
 def run(ctx: Context) -> list[Figure]:
-    return figures(run_load(ctx, [500, 500], probe=None if ctx.quick else 2000))
+    bursts = figures(run_load(ctx, [500, 500], probe=None if ctx.quick else 2000))
+    return bursts + overload.run(ctx)
 
 
 __all__ = ["Answer", "Burst", "LoadRun", "figures", "fire", "run", "run_load", "verify"]

@@ -229,7 +229,7 @@ def test_live_page_crash_and_recovery(
         page.wait_for_selector("#trigger-result[data-status='202']")
         page.wait_for_function("() => document.querySelector('#fanout').dataset.workflowId !== ''")
         workflow_id = page.get_attribute("#fanout", "data-workflow-id")
-        assert workflow_id
+        assert workflow_id and workflow_id.startswith(demo.KEYED_ID_PREFIX)  # a key per click
         page.wait_for_selector(f"#fanouts li[data-workflow-id='{workflow_id}']")
 
         # The grid fills: big steps (fib(30..32)) run, and with the pool some are already

@@ -2,7 +2,11 @@
 against uvicorn fastapi_scope:app on Postgres. Every request is answered 202 (the app
 does not shed load), every accepted workflow ends SUCCESS exactly once (rows, step
 outputs, results and the process's step counter agree), and the second burst does not
-raise the server's memory peak much."""
+raise the server's memory peak much.
+
+Overload (reliability/overload.py): the shutdown demo with MAX_QUEUED_STEPS receives ten
+times that in fan-outs at once: it admits up to the bound, refuses the rest with 429 and
+Retry-After, finishes what it admitted, keeps /healthz responsive and admits again."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness.db import assert_no_secret_in_databases
-from reliability import load
+from reliability import load, overload
 from reliability.core import Context, broken
 
 BURST = 500  # the issue's example size
@@ -107,3 +111,60 @@ def test_the_checks_catch_a_wrong_answer_and_a_body_run_twice() -> None:
     assert run.run_twice == 1
     run.rows = {"a": "SUCCESS", "b": "PENDING"}
     assert run.lost == ["b"]
+
+
+# --- overload: the shutdown demo's admission control ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def overloaded(
+    pg_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[overload.OverloadRun]:
+    ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("overload"), quick=True)
+    try:
+        yield overload.run_overload(ctx, overload.QUICK_BOUND)
+        assert_no_secret_in_databases(*ctx.databases())
+    finally:
+        ctx.close()
+
+
+@pytest.mark.slow
+def test_a_burst_of_ten_times_the_bound_is_admitted_up_to_it_and_refused_beyond(
+    overloaded: overload.OverloadRun,
+) -> None:
+    requests = overload.FACTOR * overload.QUICK_BOUND // overload.STEPS
+    assert len(overloaded.replies) == requests
+    assert [r for r in overloaded.replies if not r.correct] == []
+    accepted, refused = len(overloaded.ids(202)), requests - len(overloaded.ids(202))
+    # All at once against an empty service: the bound's worth, give or take the steps
+    # that finished while the burst was still arriving; most are refused.
+    assert overloaded.bound // overload.STEPS <= accepted < requests // 2
+    assert refused == sum(1 for r in overloaded.replies if r.status == 429)
+    assert 0 < overloaded.backlog_peak <= overloaded.bound
+
+
+@pytest.mark.slow
+def test_everything_admitted_finishes_nothing_refused_starts_and_it_admits_again(
+    overloaded: overload.OverloadRun,
+) -> None:
+    assert overloaded.lost == [] and overloaded.unrequested == []
+    assert sorted(overloaded.complete) == sorted(overloaded.accepted)
+    assert overloaded.drain_seconds is not None
+    assert overloaded.reaccepted == 202
+    figures = overload.figures(overloaded)
+    assert broken(figures) == []
+
+
+def test_the_overload_checks_catch_a_5xx_a_bare_429_and_an_unfinished_fan_out() -> None:
+    ok = overload.Reply("k", 202, overload.demo.KEYED_ID_PREFIX + "k")
+    assert ok.correct and overload.Reply("k", 429, retry_after="3").correct
+    assert not overload.Reply("k", 429).correct  # no Retry-After
+    assert not overload.Reply("k", 500).correct and not overload.Reply("k", None).correct
+    assert not overload.Reply("k", 202, "other-id").correct
+    run = overload.OverloadRun(bound=100, replies=[ok], backlog_peak=101)
+    run.rows = {ok.workflow_id or "": "SUCCESS", "stray": "SUCCESS"}
+    run.steps_ok = {ok.workflow_id or "": overload.STEPS - 1}
+    assert run.complete == [] and run.unrequested == ["stray"]
+    failed = {f.name.split(": ", 1)[1] for f in overload.figures(run) if f.ok is False}
+    assert {"backlog peak", "accepted fan-outs finished, every step"} <= failed
+    assert "fan-outs started for a refused request" in failed

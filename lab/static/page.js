@@ -102,23 +102,42 @@
     }
   }
 
+  // One Idempotency-Key per click: a retry of the click's request (its answer lost)
+  // gets the same fan-out back (200) instead of starting a second one.
+  function newKey() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+  function triggerText(resp, body) {
+    if (resp.status === 202) return `started ${body.workflow_id}`;
+    if (resp.status === 200) return `already started ${body.workflow_id} (same request)`;
+    if (resp.status === 429) return `refused, overloaded: ${detail(body)} (retry in ${resp.headers.get("Retry-After")} s)`;
+    if (resp.status === 409) return `refused: ${detail(body)}`;
+    return `${resp.status}: ${detail(body)}`;
+  }
+
   $("trigger").addEventListener("click", async () => {
     const query = new URLSearchParams();
     for (const f of $("trigger-fields").querySelectorAll("input, select")) {
       if (f.value !== "") query.set(f.name, f.value);
     }
     const out = $("trigger-result");
-    try {
-      const resp = await api(`/trigger_async?${query}`, {method: "POST"});
-      const body = await resp.json().catch(() => ({}));
-      out.dataset.status = String(resp.status);
-      out.textContent = resp.ok ? `started ${body.workflow_id}` : `${resp.status}: ${detail(body)}`;
-      if (resp.ok) {
-        choose(body.workflow_id);
-        refreshFanouts().catch(() => {});
+    const headers = {"Idempotency-Key": newKey()};
+    for (let attempt = 1; attempt <= 2; attempt++) {
+      try {
+        const resp = await api(`/trigger_async?${query}`, {method: "POST", headers});
+        const body = await resp.json().catch(() => ({}));
+        out.dataset.status = String(resp.status);
+        out.dataset.refused = String(resp.status === 429 || resp.status === 409);
+        out.textContent = triggerText(resp, body);
+        if (resp.ok) {
+          choose(body.workflow_id);
+          refreshFanouts().catch(() => {});
+        }
+        return;
+      } catch (err) {
+        out.textContent = attempt < 2 ? "no answer from the server: retrying with the same key" : "no answer from the server";
       }
-    } catch (err) {
-      out.textContent = "no answer from the server";
     }
   });
 
