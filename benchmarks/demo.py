@@ -9,6 +9,7 @@ read back from the system database. The demo's constants come from the demo itse
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import time
 from collections import Counter
@@ -330,11 +331,61 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
     }
 
 
-def _dbos_initialised_at(restarted: AppServer) -> float | None:
-    """Wall-clock time of the restarted server's "Initializing DBOS" log line."""
-    for record in restarted.records(strict=False):
-        if str(record.get("message", "")).startswith("Initializing DBOS"):
+def _logged_at(server: AppServer, message: str) -> float | None:
+    """Wall-clock time of the server's first log line starting with ``message``."""
+    for record in server.records(strict=False):
+        if str(record.get("message", "")).startswith(message):
             stamp = record.get("timestamp")
             if stamp:
                 return datetime.fromisoformat(str(stamp)).timestamp()
     return None
+
+
+def _dbos_initialised_at(restarted: AppServer) -> float | None:
+    """Wall-clock time of the restarted server's "Initializing DBOS" log line."""
+    return _logged_at(restarted, "Initializing DBOS")
+
+
+def serving_after_launch(server: AppServer) -> float | None:
+    """Seconds from the server's "Initializing DBOS" line to its "serving" line: DBOS's
+    launch, then the wait until every pool process is up (``pool.ready``)."""
+    launched, serving = _logged_at(server, "Initializing DBOS"), _logged_at(server, "serving")
+    return serving - launched if launched and serving else None
+
+
+# --- the process pool's start ---------------------------------------------------------------
+
+
+def pool_processes(server_pid: int) -> list[int]:
+    """The pool's processes: the server's children that multiprocessing spawned (the
+    resource tracker, also a child, runs another program)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server_pid and b"multiprocessing.spawn" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pool_start(db_url: str, log_dir: Path) -> dict[str, Any]:
+    """Start the demo on a fresh database (nothing to recover: no step reaches the pool)
+    and measure its pool's start: the CPU each pool process spent until then (all of it
+    start-up) and the time from DBOS's launch to serving (``serving_after_launch``)."""
+    with server(db_url, workers=1, log_dir=log_dir) as idle:
+        assert idle.proc is not None
+        pids = pool_processes(idle.proc.pid)
+        cpu = [round(cpu_seconds(pid), 3) for pid in pids]
+        after_launch = serving_after_launch(idle)
+    return {"processes": len(pids), "cpu_s": cpu, "serving_after_launch_s": after_launch}

@@ -147,13 +147,14 @@ def _init_process(preload: str | None) -> None:
 
 def facts() -> dict[str, Any]:
     """What a pool process holds, for ``pool.run(facts)``: its pid, the CPU seconds its
-    start-up took, and the top-level packages it has imported beyond the standard
-    library (``sys.modules``)."""
-    loaded = {name.partition(".")[0] for name in sys.modules}
+    start-up took, the file of its main module (None: spawn's own, no re-run script)
+    and the modules it has imported beyond the standard library (``sys.modules``)."""
+    skip = {*sys.stdlib_module_names, "__main__", "__mp_main__"}
     return {
         "pid": os.getpid(),
         "startup_cpu_s": _startup_cpu_s,
-        "packages": sorted(loaded - set(sys.stdlib_module_names)),
+        "main": getattr(sys.modules.get("__main__"), "__file__", None),
+        "modules": sorted(m for m in sys.modules if m.partition(".")[0] not in skip),
     }
 
 
