@@ -276,7 +276,8 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
     each weighed by ``fib_seconds``), restart it, time the rest.
 
     Returns ``recover`` (restart → parent SUCCESS), ``recover_after_launch`` (DBOS
-    initialised in the new process → SUCCESS), and ``baseline``: the remaining work,
+    initialised in the new process → SUCCESS), where the restart's time went before
+    (``spawn_to_dbos_init``, ``serving_after_launch``), and ``baseline``: the remaining work,
     triggered fresh on the warm server and run uninterrupted. Step i computes
     fib(min(i, max_n)): the baseline is a fan-out of ``max_n + heavy_remaining`` steps,
     every light step (i < max_n, together about 1.6 heavy ones) plus exactly as many
@@ -289,10 +290,8 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
     try:
         wf = ShutdownClient(first.client).trigger(units, max_n)
         work = [fib_seconds(min(i, max_n)) for i in range(units)]
-        deadline = time.monotonic() + 600
-        while 2 * sum(work[i] for i, st in child_statuses(db_url, wf) if st == "SUCCESS") < sum(
-            work
-        ):
+        deadline, half = time.monotonic() + 600, sum(work) / 2
+        while sum(work[i] for i, st in child_statuses(db_url, wf) if st == "SUCCESS") < half:
             if time.monotonic() > deadline:
                 raise RuntimeError("fan-out did not reach half its work in 600 s")
             time.sleep(0.02)
@@ -312,6 +311,7 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
         wait_done(db_url, wf, 600)
         t_done = time.time()
         launched = _dbos_initialised_at(second)
+        after_launch = serving_after_launch(second)
         assert children_done(db_url, wf) == units, "not every unit completed after recovery"
         baseline = run_fan_out(second, db_url, max_n + heavy_left, max_n).wall
     finally:
@@ -325,6 +325,8 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
         "light_remaining": len(left) - heavy_left,
         "baseline_steps": max_n + heavy_left,
         "startup_until_healthz": ready,
+        "spawn_to_dbos_init": launched - t_spawn if launched else None,
+        "serving_after_launch": after_launch,
         "recover": t_done - t_spawn,
         "recover_after_launch": t_done - launched if launched else None,
         "baseline": baseline,

@@ -169,7 +169,10 @@ def start(size: int, preload: str | None = None) -> None:
         size, mp_context=_LightContext(), initializer=_init_process, initargs=(preload,)
     )
     _size = size
-    _executor.submit(os.getpid)  # starts the first process (ready() starts the others)
+    # With spawn the executor starts a process per call that finds none idle: one call
+    # per process starts them all now, together, rather than one by one in ready().
+    for _ in range(size):
+        _executor.submit(os.getpid)
 
 
 def ready(timeout: float = 60) -> list[int]:
