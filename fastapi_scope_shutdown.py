@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from dbos import DBOS, SetWorkflowID
+from dbos import DBOS, SetWorkflowAttributes, SetWorkflowID
+from dbos._error import DBOSWorkflowIDInUseError
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from lab import config, logs, page, pool, signals
+from lab.admission import STEPS_ATTRIBUTE, Admission
 from lab.fib import fib  # its own module: a pool process imports it, and nothing else
 from lab.health import HealthCheck
 from lab.launch import check_reachable, launch
@@ -138,7 +141,7 @@ def every_five_seconds(scheduled_time: datetime, context: Any) -> None:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    global health
+    global health, admission
     logs.setup_logging(APP)
     cfg = config.config_or_exit(APP)
     url = cfg["system_database_url"]
@@ -164,6 +167,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     )
     slots.watch(slot)
     health = HealthCheck(url, APP)
+    admission = Admission(url, APP, fan_out.__qualname__, max_queued_steps(), DRAIN_STEPS_PER_SEC)
     log.info("serving", extra={"database": config.redacted(url), "executor_id": DBOS.executor_id})
     yield
     slots.stop_watching()
@@ -185,7 +189,70 @@ app = FastAPI(
 app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX_STEPS))
 
 
-@app.post("/trigger_async", status_code=202)
+# --- the trigger: idempotency keys and admission control -------------------
+
+# Idempotency-Key: the client's name for one request. The fan-out's workflow id is
+# derived from it, so DBOS's unique workflow ids make a retry find the first start,
+# on any replica and after restarts, for as long as the workflow's row exists.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+KEYED_ID_PREFIX = "trigger-"
+# Admitted steps not finished yet, across the service (lab/admission.py). The default
+# drains in about a minute: DRAIN_STEPS_PER_SEC is what this 2-core machine finished of
+# default fan-outs (50 steps, max_n 30, process pool) back to back
+# (docs/fastapi_scope_shutdown.md, "Overload").
+DRAIN_STEPS_PER_SEC = 25.0
+DEFAULT_MAX_QUEUED_STEPS, MAX_MAX_QUEUED_STEPS = 1500, 1_000_000
+admission: Admission | None = None  # made at startup, once the URL is known
+
+
+def max_queued_steps() -> int:
+    return config.int_env("MAX_QUEUED_STEPS", DEFAULT_MAX_QUEUED_STEPS, 1, MAX_MAX_QUEUED_STEPS)
+
+
+def _start(workflow_id: str | None, steps: int, max_n: int, executor: Executor) -> str:
+    """Start the fan-out (on a thread: the sync DBOS API); with an id, only if no
+    workflow has it yet (DBOSWorkflowIDInUseError otherwise: one insert decides)."""
+    ids = (
+        SetWorkflowID(workflow_id, workflow_id_reuse_policy="reject")
+        if workflow_id
+        else nullcontext()
+    )
+    with ids, SetWorkflowAttributes({STEPS_ATTRIBUTE: steps}):
+        return DBOS.start_workflow(fan_out, steps, max_n, executor).workflow_id
+
+
+async def _existing(workflow_id: str, args: tuple[Any, ...]) -> JSONResponse | None:
+    """The answer to a key already used: 200 with the same id, or 409 when its
+    recorded inputs differ; None when no workflow has the id."""
+    found = await DBOS.list_workflows_async(workflow_ids=[workflow_id], load_input=True)
+    if not found:
+        return None
+    wf = found[0]
+    recorded = tuple(wf.input["args"]) if wf.input else ()
+    if wf.name != fan_out.__qualname__ or recorded != args:
+        theirs = dict(zip(("steps", "max_n", "executor"), recorded, strict=False))
+        return JSONResponse(
+            {
+                "detail": "Idempotency-Key already used with other parameters: "
+                f"{theirs}; send a new key for a new fan-out",
+                "workflow_id": workflow_id,
+            },
+            status_code=409,
+        )
+    return JSONResponse({"workflow_id": workflow_id, "status": wf.status}, status_code=200)
+
+
+@app.post(
+    "/trigger_async",
+    status_code=202,
+    responses={
+        200: {"description": "Idempotency-Key already used with these parameters: that fan-out"},
+        400: {"description": "malformed Idempotency-Key; the reason"},
+        409: {"description": "Idempotency-Key already used with other parameters"},
+        422: {"description": "a parameter out of range, or more steps than MAX_QUEUED_STEPS"},
+        429: {"description": "backlog over MAX_QUEUED_STEPS; Retry-After says when to retry"},
+    },
+)
 async def trigger_async(
     steps: Annotated[
         int, Query(ge=1, le=MAX_STEPS, description=f"number of steps, 1..{MAX_STEPS}")
@@ -197,11 +264,38 @@ async def trigger_async(
         Executor,
         Query(description="where fib runs: the service's process pool, or the step thread"),
     ] = "process",
-) -> dict[str, Any]:
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="1..64 of A-Z a-z 0-9 _ . : -; a retry with it gets the same fan-out"),
+    ] = None,
+) -> Any:
     """Start the fan-out in the background; follow it with ``GET /workflows/{id}``."""
-    handle = await asyncio.to_thread(DBOS.start_workflow, fan_out, steps, max_n, executor)
-    status = await DBOS.get_workflow_status_async(handle.workflow_id)
-    return {"workflow_id": handle.workflow_id, "status": status.status if status else "PENDING"}
+    assert admission is not None  # uvicorn serves only after the lifespan's startup
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
+        raise HTTPException(400, "Idempotency-Key must be 1 to 64 of A-Z a-z 0-9 _ . : -")
+    if steps > admission.bound:
+        raise HTTPException(
+            422, f"steps={steps} exceeds MAX_QUEUED_STEPS={admission.bound}: never admitted"
+        )
+    workflow_id = KEYED_ID_PREFIX + idempotency_key if idempotency_key else None
+    args = (steps, max_n, executor)
+    refusal = await admission.refusal(steps)
+    if refusal is not None:
+        # A retry of an admitted request is answered even when the service is full.
+        known = await _existing(workflow_id, args) if workflow_id else None
+        if known is not None:
+            return known
+        headers = {"Retry-After": str(refusal["retry_after"])}
+        return JSONResponse(refusal, status_code=429, headers=headers)
+    try:
+        started = await asyncio.to_thread(_start, workflow_id, *args)
+    except DBOSWorkflowIDInUseError:
+        assert workflow_id is not None
+        known = await _existing(workflow_id, args)
+        assert known is not None  # rows are not deleted while the service runs
+        return known
+    # The status the start just wrote: no second round trip to read it back.
+    return {"workflow_id": started, "status": "PENDING"}
 
 
 @app.get("/workflows/{workflow_id}", responses={404: {"description": "no such fan-out"}})
@@ -281,6 +375,7 @@ def main() -> None:
     postgres = config.database_kind(url) == "postgres"
     workers = config.int_env("WORKERS", 2 if postgres else 1, 1, MAX_SLOTS)
     pool_size()  # a bad FIB_PROCESSES fails here, before any worker starts
+    max_queued_steps()  # and a bad MAX_QUEUED_STEPS
     if workers > 1 and not postgres:
         logs.fail(
             f"WORKERS={workers} needs Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...): "
