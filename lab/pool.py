@@ -201,9 +201,13 @@ def pids() -> list[int]:
 
 
 def run(fn: Callable[..., T], *args: object) -> T:
-    """Run ``fn(*args)`` in a pool process and return its result (or raise its error)."""
+    """Run ``fn(*args)`` in a pool process and return its result (or raise its error).
+    ``fn`` must live in an importable module (not ``__main__``: see the module's doc)."""
     if _executor is None:
         raise RuntimeError("the process pool is not running: start it in the lifespan")
+    if getattr(fn, "__module__", None) == "__main__":
+        # Sent by reference, it would break the pool: its processes do not load __main__.
+        raise ValueError(f"{fn!r} is defined in __main__: move it to an importable module")
     return _executor.submit(fn, *args).result()
 
 

@@ -482,3 +482,23 @@ def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
         (tmp_path / f"{container.name}.log").write_text(container.logs())
         container.remove()
     assert_light(reports, PROCESSES)
+
+
+def test_a_function_of_main_is_refused_and_the_pool_keeps_working() -> None:
+    """Pool processes do not load ``__main__``: such a function, sent by reference, would
+    fail to unpickle there and break the pool for every step; ``run`` refuses it."""
+    from lab import pool
+    from lab.fib import fib
+
+    def in_main(n: int) -> int:
+        return n
+
+    in_main.__module__ = "__main__"  # as in a script run directly
+    pool.start(1, preload=fib.__module__)
+    try:
+        pool.ready()
+        with pytest.raises(ValueError, match="__main__"):
+            pool.run(in_main, 1)
+        assert pool.run(fib, 20) == 6765
+    finally:
+        pool.stop()
