@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 
 from lab import config, logs, page, pool, signals
 from lab.admission import STEPS_ATTRIBUTE, Admission
+from lab.fib import fib  # its own module: a pool process imports it, and nothing else
 from lab.health import HealthCheck
 from lab.launch import check_reachable, launch
 from lab.slots import REJOIN_ENV, ExecutorSlots
@@ -123,11 +124,6 @@ Executor = Literal["process", "thread"]
 
 def pool_size() -> int:
     return config.int_env("FIB_PROCESSES", pool.usable_cores(), 1, pool.MAX_PROCESSES)
-
-
-def fib(n: int) -> int:
-    """Naive on purpose: exponential CPU work, no I/O."""
-    return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
 @DBOS.step()

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
     if not kinds:
         sys.exit("nothing to run: --no-sqlite without a Postgres DBOS_SYSTEM_DATABASE_URL")
     only = set(args.only.split(",")) if args.only else None
+    # The machine may be shared: how busy it was around the run is part of the result.
+    load_at_start = list(os.getloadavg())
     dbs = ScratchDatabases(pg, "bench")
     ctx = R.Context(R.SIZES[mode], dbs, kinds)
     progress(f"mode {mode}, databases: {', '.join(kinds)}")
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "dbos": _version("dbos"),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": list(os.getloadavg()),
     }
     return results, meta

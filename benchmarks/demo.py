@@ -9,6 +9,7 @@ read back from the system database. The demo's constants come from the demo itse
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import time
 from collections import Counter
@@ -275,7 +276,8 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
     each weighed by ``fib_seconds``), restart it, time the rest.
 
     Returns ``recover`` (restart → parent SUCCESS), ``recover_after_launch`` (DBOS
-    initialised in the new process → SUCCESS), and ``baseline``: the remaining work,
+    initialised in the new process → SUCCESS), where the restart's time went before
+    (``spawn_to_dbos_init``, ``serving_after_launch``), and ``baseline``: the remaining work,
     triggered fresh on the warm server and run uninterrupted. Step i computes
     fib(min(i, max_n)): the baseline is a fan-out of ``max_n + heavy_remaining`` steps,
     every light step (i < max_n, together about 1.6 heavy ones) plus exactly as many
@@ -288,10 +290,8 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
     try:
         wf = ShutdownClient(first.client).trigger(units, max_n)
         work = [fib_seconds(min(i, max_n)) for i in range(units)]
-        deadline = time.monotonic() + 600
-        while 2 * sum(work[i] for i, st in child_statuses(db_url, wf) if st == "SUCCESS") < sum(
-            work
-        ):
+        deadline, half = time.monotonic() + 600, sum(work) / 2
+        while sum(work[i] for i, st in child_statuses(db_url, wf) if st == "SUCCESS") < half:
             if time.monotonic() > deadline:
                 raise RuntimeError("fan-out did not reach half its work in 600 s")
             time.sleep(0.02)
@@ -311,6 +311,7 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
         wait_done(db_url, wf, 600)
         t_done = time.time()
         launched = _dbos_initialised_at(second)
+        after_launch = serving_after_launch(second)
         assert children_done(db_url, wf) == units, "not every unit completed after recovery"
         baseline = run_fan_out(second, db_url, max_n + heavy_left, max_n).wall
     finally:
@@ -324,17 +325,69 @@ def recovery_run(db_url: str, units: int, max_n: int, log_dir: Path) -> dict[str
         "light_remaining": len(left) - heavy_left,
         "baseline_steps": max_n + heavy_left,
         "startup_until_healthz": ready,
+        "spawn_to_dbos_init": launched - t_spawn if launched else None,
+        "serving_after_launch": after_launch,
         "recover": t_done - t_spawn,
         "recover_after_launch": t_done - launched if launched else None,
         "baseline": baseline,
     }
 
 
-def _dbos_initialised_at(restarted: AppServer) -> float | None:
-    """Wall-clock time of the restarted server's "Initializing DBOS" log line."""
-    for record in restarted.records(strict=False):
-        if str(record.get("message", "")).startswith("Initializing DBOS"):
+def _logged_at(server: AppServer, message: str) -> float | None:
+    """Wall-clock time of the server's first log line starting with ``message``."""
+    for record in server.records(strict=False):
+        if str(record.get("message", "")).startswith(message):
             stamp = record.get("timestamp")
             if stamp:
                 return datetime.fromisoformat(str(stamp)).timestamp()
     return None
+
+
+def _dbos_initialised_at(restarted: AppServer) -> float | None:
+    """Wall-clock time of the restarted server's "Initializing DBOS" log line."""
+    return _logged_at(restarted, "Initializing DBOS")
+
+
+def serving_after_launch(server: AppServer) -> float | None:
+    """Seconds from the server's "Initializing DBOS" line to its "serving" line: DBOS's
+    launch, then the wait until every pool process is up (``pool.ready``)."""
+    launched, serving = _logged_at(server, "Initializing DBOS"), _logged_at(server, "serving")
+    return serving - launched if launched and serving else None
+
+
+# --- the process pool's start ---------------------------------------------------------------
+
+
+def pool_processes(server_pid: int) -> list[int]:
+    """The pool's processes: the server's children that multiprocessing spawned (the
+    resource tracker, also a child, runs another program)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server_pid and b"multiprocessing.spawn" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pool_start(db_url: str, log_dir: Path) -> dict[str, Any]:
+    """Start the demo on a fresh database (nothing to recover: no step reaches the pool)
+    and measure its pool's start: the CPU each pool process spent until then (all of it
+    start-up) and the time from DBOS's launch to serving (``serving_after_launch``)."""
+    with server(db_url, workers=1, log_dir=log_dir) as idle:
+        assert idle.proc is not None
+        pids = pool_processes(idle.proc.pid)
+        cpu = [round(cpu_seconds(pid), 3) for pid in pids]
+        after_launch = serving_after_launch(idle)
+    return {"processes": len(pids), "cpu_s": cpu, "serving_after_launch_s": after_launch}

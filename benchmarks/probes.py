@@ -23,6 +23,10 @@ from typing import Any
 
 from dbos import DBOS
 
+# The demo's own: deliberately slow (exponential) pure-Python CPU work that holds the
+# GIL, in a module the process pool's processes can import (this one runs as __main__).
+from lab.fib import fib
+
 log = logging.getLogger("bench")
 
 APP = "experiment6-bench"
@@ -86,11 +90,6 @@ def fan_out(queue_name: str, n: int, result_poll: float) -> list[float]:
 @DBOS.workflow()
 def direct(n: int) -> int:
     return sum(noop_step(i) for i in range(n))
-
-
-def fib(n: int) -> int:
-    """Deliberately slow (exponential) Fibonacci: pure-Python CPU work that holds the GIL."""
-    return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
 @DBOS.step()
@@ -327,15 +326,20 @@ def _busy_threads(count: int, in_pool: bool = False, fib_n: int = 18) -> Iterato
     """``count`` plain threads computing Fibonacci numbers, as running CPU steps do: in
     the thread, or handed to the process pool (lab/pool.py) and waited for."""
     stop = threading.Event()
+    failures: list[BaseException] = []
 
     def spin() -> None:
         from lab import pool
 
-        while not stop.is_set():
-            if in_pool:
-                pool.run(fib, fib_n)
-            else:
-                fib(fib_n)
+        try:
+            while not stop.is_set():
+                if in_pool:
+                    pool.run(fib, fib_n)
+                else:
+                    fib(fib_n)
+        except BaseException as exc:  # a thread that stops computing voids the figure
+            failures.append(exc)
+            raise
 
     threads = [threading.Thread(target=spin, daemon=True) for _ in range(count)]
     for t in threads:
@@ -347,6 +351,8 @@ def _busy_threads(count: int, in_pool: bool = False, fib_n: int = 18) -> Iterato
         stop.set()
         for t in threads:
             t.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} busy threads failed: {failures[0]!r}")
 
 
 @DBOS.workflow()

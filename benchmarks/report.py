@@ -100,9 +100,10 @@ def run_line(results: dict[str, Any]) -> str:
     ]
     if results.get("conditions"):
         parts.append(str(results["conditions"]))
-    load = results.get("load_average_at_end")
-    if load:
-        parts.append("load average at the end " + " / ".join(f"{x:.1f}" for x in load))
+    for when in ("start", "end"):
+        load = results.get(f"load_average_at_{when}")
+        if load:
+            parts.append(f"load average at the {when} " + " / ".join(f"{x:.1f}" for x in load))
     text = "; ".join(parts) + "."
     if results.get("transcribed"):
         text += f" (Figures: {results['transcribed']}.)"

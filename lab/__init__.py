@@ -11,4 +11,6 @@ health   the ``/healthz`` database check
 signals  stopping a server gracefully, crashing it, or crashing a script
 pool     a process pool owned by a service, for CPU-bound steps: its lifecycle and
          the guard that ends its processes when the service dies
+fib      the shutdown demo's CPU work, alone in its module: a pool process imports
+         it and nothing of the app (this package imports nothing either)
 """

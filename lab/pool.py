@@ -14,10 +14,15 @@ that hands its computation to another process keeps the GIL free.
 Lifecycle, for every way a service stops:
 - Start method ``spawn``: each pool process is a fresh interpreter (fork + exec),
   never a bare fork of this multi-threaded process, which can copy a lock another
-  thread held at that instant. A pool process imports the module of the function
-  it runs (``preload``; here the whole app, about a second of CPU) as it starts,
-  not at its first call: the lifespan starts the pool before DBOS launches and
-  waits until every process is up after (``ready``).
+  thread held at that instant. Without the main module: ``spawn`` re-runs the
+  parent's ``__main__`` in every child (as ``__mp_main__``) so that functions defined
+  there can be unpickled; for ``python app.py`` that is the whole app, DBOS and
+  FastAPI included, about a second of CPU per process. A pool process here runs only
+  functions of importable modules, so it starts without the parent's main (the
+  preparation data it gets leaves the main module out) and imports the module of the
+  function it runs (``preload``: keep that module light, e.g. lab/fib.py) as it
+  starts, not at its first call: the lifespan starts the pool before DBOS launches
+  and waits until every process is up after (``ready``).
   Not ``forkserver``: the executor watches its processes through the forkserver, so
   a SIGTERM for the whole process group (``docker stop``) that ends the forkserver
   breaks the pool, and every step still waiting fails.
@@ -37,19 +42,23 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import context, popen_spawn_posix, spawn
 from multiprocessing.connection import wait
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("lab.pool")
 
-START_METHOD = "spawn"
+START_METHOD = "spawn"  # without the parent's main module: _LightContext
 MAX_PROCESSES = 64
 # How long stop() waits for the killed pool processes to be reaped.
 STOP_TIMEOUT_SEC = 5.0
@@ -58,6 +67,8 @@ ORPHAN_EXIT = 70
 
 _executor: ProcessPoolExecutor | None = None
 _size = 0
+# In a pool process: the CPU time its start-up took (interpreter, imports, preload).
+_startup_cpu_s: float | None = None
 
 
 def usable_cores() -> int:
@@ -79,13 +90,72 @@ def _guard_orphan() -> None:
     threading.Thread(target=watch, name="orphan-guard", daemon=True).start()
 
 
+# --- spawn without the parent's main module ----------------------------------------
+#
+# multiprocessing builds what a spawned child needs before it can unpickle its work
+# (sys.path, the working directory, the main module to re-run) in one function,
+# spawn.get_preparation_data, called while a process is launched. There is no per-
+# process option to leave the main module out, so that function is wrapped (once, in
+# start) and changes only the data of a launch of this module's processes, flagged on
+# the launching thread; every other process (uvicorn's workers, which need the main
+# module re-run) gets multiprocessing's own data.
+
+_launching = threading.local()
+_stdlib_preparation_data = spawn.get_preparation_data
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = _stdlib_preparation_data(name)
+    if getattr(_launching, "light", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+class _LightPopen(popen_spawn_posix.Popen):
+    def _launch(self, process_obj: Any) -> None:
+        _launching.light = True
+        try:
+            super()._launch(process_obj)  # type: ignore[misc]  # not in the stubs
+        finally:
+            _launching.light = False
+
+
+class _LightProcess(context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> _LightPopen:  # noqa: N802 - multiprocessing's name
+        return _LightPopen(process_obj)
+
+
+class _LightContext(context.SpawnContext):
+    Process = _LightProcess
+
+
+# --- the pool ------------------------------------------------------------------------
+
+
 def _init_process(preload: str | None) -> None:
+    global _startup_cpu_s
     # The service stops its pool; a signal for the process group is not for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _guard_orphan()
-    if preload and not preload.startswith("__"):  # __main__ is loaded by spawn itself
+    if preload and not preload.startswith("__"):  # a __main__ function cannot be sent
         importlib.import_module(preload)
+    _startup_cpu_s = time.process_time()
+
+
+def facts() -> dict[str, Any]:
+    """What a pool process holds, for ``pool.run(facts)``: its pid, the CPU seconds its
+    start-up took, the file of its main module (None: spawn's own, no re-run script)
+    and the modules it has imported beyond the standard library (``sys.modules``)."""
+    skip = {*sys.stdlib_module_names, "__main__", "__mp_main__"}
+    return {
+        "pid": os.getpid(),
+        "startup_cpu_s": _startup_cpu_s,
+        "main": getattr(sys.modules.get("__main__"), "__file__", None),
+        "modules": sorted(m for m in sys.modules if m.partition(".")[0] not in skip),
+    }
 
 
 def start(size: int, preload: str | None = None) -> None:
@@ -94,27 +164,33 @@ def start(size: int, preload: str | None = None) -> None:
     global _executor, _size
     if _executor is not None:
         raise RuntimeError("the process pool is already running")
-    ctx = multiprocessing.get_context(START_METHOD)
+    spawn.get_preparation_data = _preparation_data
     _executor = ProcessPoolExecutor(
-        size, mp_context=ctx, initializer=_init_process, initargs=(preload,)
+        size, mp_context=_LightContext(), initializer=_init_process, initargs=(preload,)
     )
     _size = size
-    _executor.submit(os.getpid)  # the first submit starts every process of the pool
+    # With spawn the executor starts a process per call that finds none idle: one call
+    # per process starts them all now, together, rather than one by one in ready().
+    for _ in range(size):
+        _executor.submit(os.getpid)
 
 
 def ready(timeout: float = 60) -> list[int]:
     """Wait until every process of the pool has started (a process takes calls only
-    once its start-up is done) and return their pids."""
+    once its start-up is done), log what each holds (``facts``) and return their pids."""
     if _executor is None:
         raise RuntimeError("the process pool is not running")
-    answered: set[int] = set()
+    answered: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(answered) < _size:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(answered)} of {_size} pool processes up in {timeout} s")
-        calls = [_executor.submit(os.getpid) for _ in range(_size)]
-        answered |= {call.result(timeout=timeout) for call in calls}
+        calls = [_executor.submit(facts) for _ in range(_size)]
+        for call in calls:
+            found = call.result(timeout=timeout)
+            answered[found["pid"]] = found
         time.sleep(0.01)
+    log.info("process pool ready", extra={"processes": [answered[p] for p in sorted(answered)]})
     return pids()
 
 
@@ -125,9 +201,13 @@ def pids() -> list[int]:
 
 
 def run(fn: Callable[..., T], *args: object) -> T:
-    """Run ``fn(*args)`` in a pool process and return its result (or raise its error)."""
+    """Run ``fn(*args)`` in a pool process and return its result (or raise its error).
+    ``fn`` must live in an importable module (not ``__main__``: see the module's doc)."""
     if _executor is None:
         raise RuntimeError("the process pool is not running: start it in the lifespan")
+    if getattr(fn, "__module__", None) == "__main__":
+        # Sent by reference, it would break the pool: its processes do not load __main__.
+        raise ValueError(f"{fn!r} is defined in __main__: move it to an importable module")
     return _executor.submit(fn, *args).result()
 
 

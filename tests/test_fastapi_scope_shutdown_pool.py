@@ -12,26 +12,34 @@ DBOS step thread. The tests check, on real servers and a real Postgres:
 - no process outlives a crash (/shutdown?mode=crash), a graceful stop, or a SIGKILL of
   the server process alone; after each, the next start finishes the fan-out with the
   right numbers and re-runs only the bodies that were in flight;
-- two workers split one fan-out, each within the queue's worker_concurrency.
+- two workers split one fan-out, each within the queue's worker_concurrency;
+- a pool process holds only what ``fib`` needs (lab/fib.py and the pool's machinery):
+  no DBOS, no FastAPI, no app, no re-run main module, however the demo is started
+  (``python fastapi_scope_shutdown.py`` with one or two workers, uvicorn's own
+  command, the image), and computes the fan-out's steps.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+import harness.docker as hd
 from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.env import script_env
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs, max_running
-from harness.proc import alive, run_script, wait_for
+from harness.env import remember_secrets, script_env
+from harness.fanout import MODULE, children, demo_server, fan_out_result, ledger_runs, max_running
+from harness.proc import alive, free_port, parse_json_lines, run_script, wait_for
 from harness.server import AppServer
 
 pytestmark = pytest.mark.slow
@@ -375,3 +383,122 @@ def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> N
     for executor in per_executor:
         bodies = [c["body"] for c in kids.values() if c["executor_id"] == executor]
         assert max_running(bodies) <= share
+
+
+# --- what a pool process holds ---------------------------------------------------------
+
+# Never in a pool process: DBOS and its database layer, the web stack, the app.
+HEAVY = {"dbos", "sqlalchemy", "fastapi", "starlette", "pydantic", "uvicorn", MODULE}
+# What it needs: the pool's machinery and the module of fib.
+NEEDED = {"lab.pool", "lab.fib"}
+
+
+def pool_reports(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each pool process answered to ``pool.ready`` (``lab.pool.facts``: computed in
+    the pool process from its own ``sys.modules``), from every serving process's log."""
+    return [p for r in records if r["message"] == "process pool ready" for p in r["processes"]]
+
+
+def assert_light(reports: list[dict[str, Any]], count: int) -> None:
+    assert len(reports) == count, reports
+    for report in reports:
+        modules = set(report["modules"])
+        assert NEEDED <= modules, report  # the list is real: it has what fib needs
+        assert not {m.partition(".")[0] for m in modules} & HEAVY, report
+        assert report["main"] is None, report  # no main module re-run (script or uvicorn's)
+
+
+def compute_a_fan_out(api: ShutdownClient) -> None:
+    """The light pool processes do compute the steps (fib pickled by its module)."""
+    steps, max_n = 12, 20
+    view = api.wait_success(api.trigger(steps, max_n, executor="process"), timeout=120)
+    assert view["result"] == fan_out_result(steps, max_n)
+
+
+def uvicorn_command(tmp_path: Path, db_url: str) -> AppServer:
+    """``uvicorn fastapi_scope_shutdown:app``: uvicorn's own script as the main module
+    (the image's command), not ``python -m uvicorn``."""
+    script = shutil.which("uvicorn", path=str(Path(sys.executable).parent))
+    assert script is not None, "no uvicorn script next to the interpreter"
+    port = free_port()
+    command = [script, f"{MODULE}:app", "--host", "127.0.0.1", "--port", str(port)]
+    env = script_env(db_url, FIB_PROCESSES=str(PROCESSES))
+    return AppServer(f"{MODULE}:app", env, tmp_path / "uvicorn.log", port, command=command,
+                     ready_path="/healthz")  # fmt: skip
+
+
+@pytest.mark.parametrize("start", ["python-script", "python-script-2-workers", "uvicorn"])
+def test_a_pool_process_imports_only_what_fib_needs(
+    pg_url: str, tmp_path: Path, start: str
+) -> None:
+    if start == "uvicorn":
+        server = uvicorn_command(tmp_path, pg_url)
+    else:
+        server = server_for(tmp_path, pg_url, start, workers=2 if "2" in start else 1)
+    workers = 2 if start == "python-script-2-workers" else 1
+    with server:
+        assert server.proc is not None
+        compute_a_fan_out(client(server))
+        # With two workers /healthz answers once the first one serves: wait for both.
+        reports = wait_for(
+            lambda: len(r := pool_reports(server.records())) >= workers * PROCESSES and r,
+            60,
+            0.1,
+            "every worker's pool to report",
+        )
+        tree = descendants(server.proc.pid)
+    assert_light(reports, workers * PROCESSES)
+    # The reports come from the pool's own processes, children of the serving process.
+    assert {r["pid"] for r in reports} <= set(pool_pids_of(tree))
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> str:
+    problem = hd.engine_problem()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI runs the container tests on a real engine: {problem}")
+        pytest.skip(problem)
+    tag = hd.image_tag()
+    hd.build_image(tag, log=tmp_path / "build.txt")
+    return tag
+
+
+@pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
+def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
+    pg_url: str, image: str, tmp_path: Path
+) -> None:
+    env = {"DBOS_SYSTEM_DATABASE_URL": pg_url, "FIB_PROCESSES": str(PROCESSES)}
+    remember_secrets(env)
+    container = hd.Container(image, free_port(), env).start()
+    try:
+        wait_for(lambda: "process pool ready" in container.logs(), 180, 0.5, "the pool")
+        assert container.running()
+        with httpx.Client(base_url=container.url, timeout=30) as http:
+            wait_for(lambda: http.get("/healthz").status_code == 200, 60, 0.2, "/healthz")
+            compute_a_fan_out(ShutdownClient(http))
+        reports = pool_reports(parse_json_lines(container.logs()))
+    finally:
+        (tmp_path / f"{container.name}.log").write_text(container.logs())
+        container.remove()
+    assert_light(reports, PROCESSES)
+
+
+def test_a_function_of_main_is_refused_and_the_pool_keeps_working() -> None:
+    """Pool processes do not load ``__main__``: such a function, sent by reference, would
+    fail to unpickle there and break the pool for every step; ``run`` refuses it."""
+    from lab import pool
+    from lab.fib import fib
+
+    def in_main(n: int) -> int:
+        return n
+
+    in_main.__module__ = "__main__"  # as in a script run directly
+    pool.start(1, preload=fib.__module__)
+    try:
+        pool.ready()
+        with pytest.raises(ValueError, match="__main__"):
+            pool.run(in_main, 1)
+        assert pool.run(fib, 20) == 6765
+    finally:
+        pool.stop()
