@@ -194,9 +194,11 @@ async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
     # The tracker is started with this interpreter's -W options (sys.warnoptions).
     if TRACKER_WARNINGS not in sys.warnoptions:
         sys.warnoptions.append(TRACKER_WARNINGS)
-    pool.start(pool_size(), preload=fib.__module__)  # before DBOS: recovery may resume at once
-    await asyncio.to_thread(launch, cfg)
+    # Up before DBOS launches: recovery and the queue may hand steps to the pool at once,
+    # and ready()'s own calls would then wait behind them. Light processes: ~0.5 s.
+    pool.start(pool_size(), preload=fib.__module__)
     await asyncio.to_thread(pool.ready)
+    await asyncio.to_thread(launch, cfg)
     await DBOS.register_queue_async(
         QUEUE,
         global_concurrency=QUEUE_CONCURRENCY,
