@@ -1,7 +1,7 @@
 """A process pool owned by a service, for the CPU work of its DBOS steps.
 
     pool.start(size, preload=fib.__module__)
-                            # in the lifespan, before DBOS launches; pool.ready() after
+                            # in the lifespan, then pool.ready(), before DBOS launches
     pool.run(fib, n)        # in a step: the computation runs in a pool process while
                             # the step thread waits without holding the GIL
     pool.stop()             # after DBOS.destroy
