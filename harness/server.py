@@ -107,7 +107,11 @@ class AppServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_ready(self.ready_timeout if ready_timeout is None else ready_timeout)
+        try:
+            self.wait_ready(self.ready_timeout if ready_timeout is None else ready_timeout)
+        except BaseException:
+            self.kill()  # `with AppServer(...)` never reaches __exit__ when start fails
+            raise
         self.ready_seconds = time.perf_counter() - started
         return self
 
