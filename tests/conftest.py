@@ -81,11 +81,18 @@ def pg_url(pg_server: str, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> Iterator[str]:
-    try:  # DBOS on Python 3.12+ needs a newer SQLite than some builds link (lab/config.py)
+def sqlite_supported() -> None:
+    """Skip, with the reason, where this interpreter's SQLite is too old for DBOS (on
+    Python 3.12+ DBOS needs SQLite 3.42; some builds link an older one: lab/config.py).
+    Tests that run a script on its default SQLite database use it too."""
+    try:
         check_sqlite_version(sqlite3.sqlite_version, sys.version_info[:2])
     except ConfigError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def sqlite_url(sqlite_supported: None, tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
     yield url
     assert_no_secret_in_databases(url)

@@ -75,6 +75,7 @@ def test_nothing_to_resume_starts_a_fresh_workflow(sqlite_url: str) -> None:
     assert (second["recovered"], second["steps"], second["executed_here"]) == (False, 2, 2)
 
 
+@pytest.mark.usefixtures("sqlite_supported")  # runs on the default SQLite
 def test_default_database_is_experiment6_sqlite_in_the_working_directory(
     tmp_path: Path,
 ) -> None:
