@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from lab import config, logs, page, pool, signals
 from lab.health import HealthCheck
 from lab.launch import check_reachable, launch
-from lab.slots import ExecutorSlots
+from lab.slots import REJOIN_ENV, ExecutorSlots
 
 APP = "shutdown"
 log = logging.getLogger("fastapi_scope_shutdown")
@@ -64,20 +64,35 @@ GRACE_SECONDS = 5
 # uvicorn's wait for open connections on a graceful stop.
 UVICORN_GRACEFUL_SEC = 5
 MAX_SLOTS = 32
-# A slot nobody has claimed this long after a process started is orphaned: its
-# pending work is recovered by that process. Until then sibling workers that start
-# at the same time get to claim (and recover) their own slots first.
-ADOPT_AFTER_SEC = 5
-# How often a process checks that its slot lock's database session is still alive.
-SLOT_CHECK_SEC = 1.0
+# Executor-slot leases (lab/slots.py), timed on the database's clock. A process renews
+# its lease every RENEW_EVERY_SEC; one that could not confirm it for FENCE_SEC stops
+# all work at once (it fences itself); a peer may take an unrenewed slot over
+# LEASE_SEC after its last renewal, so LEASE_SEC - FENCE_SEC (2 s) is the margin by
+# which the owner has stopped before. A crash or silent loss is taken over within
+# about LEASE_SEC + ADOPT_EVERY_SEC. Raising FENCE_SEC tolerates longer database
+# blips and starved threads without a restart, and delays every takeover as much.
+RENEW_EVERY_SEC = 1.0
+FENCE_SEC = 4.0
+LEASE_SEC = 6.0
+# How often every process looks for expired slots with PENDING work to adopt.
+ADOPT_EVERY_SEC = 1.0
+
+
+def fence(slot: int, stopping: bool) -> None:
+    """A lost slot: end this process image now; a re-executed single process asks
+    for its slot back (a uvicorn worker's replacement finds it by its dead pid)."""
+    signals.fence({REJOIN_ENV: str(slot)}, stopping=stopping)
+
 
 # Executor ids: every process claims a numbered slot, executor "shutdown-<n>" (lab/slots.py).
 slots = ExecutorSlots(
     APP,
     max_slots=MAX_SLOTS,
-    adopt_after_sec=ADOPT_AFTER_SEC,
-    check_every_sec=SLOT_CHECK_SEC,
-    on_lost=signals.stop_server,
+    lease_sec=LEASE_SEC,
+    renew_every_sec=RENEW_EVERY_SEC,
+    fence_sec=FENCE_SEC,
+    adopt_every_sec=ADOPT_EVERY_SEC,
+    on_fence=fence,
     logger=log,
 )
 health: HealthCheck | None = None  # made at startup, once the URL is known
@@ -146,13 +161,27 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     logs.setup_logging(APP)
     cfg = config.config_or_exit(APP)
     url = cfg["system_database_url"]
+    # A process fenced and re-executed, or a uvicorn worker (perhaps the replacement
+    # of a fenced one), waits for the database and a free slot; a first start of a
+    # lone process fails at once with one line instead.
+    rejoin = os.environ.pop(REJOIN_ENV, None)
+    waiting = rejoin is not None or signals.master_pid() is not None
     # The sync DBOS APIs refuse to run on the event loop: these run on threads.
-    await asyncio.to_thread(check_reachable, url)
-    slot = await asyncio.to_thread(slots.claim, url)
+    if not waiting:
+        await asyncio.to_thread(check_reachable, url)
+    prefer = int(rejoin) if rejoin and rejoin.isdigit() else None
+    if rejoin is not None:
+        signals.reap_children(timeout=5)  # the fenced image's pool, ending
+    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, prefer=prefer)
     cfg["executor_id"] = slots.executor_id(slot)
     log.info(
         "executor slot claimed",
-        extra={"executor_id": slots.executor_id(slot), "slot": slot, "pid": os.getpid()},
+        extra={
+            "executor_id": slots.executor_id(slot),
+            "slot": slot,
+            "pid": os.getpid(),
+            "rejoin": rejoin is not None,
+        },
     )
     pool.start(pool_size(), preload=fib.__module__)  # before DBOS: recovery may resume at once
     await asyncio.to_thread(launch, cfg)
@@ -166,11 +195,11 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     await DBOS.apply_schedules_async(
         [{"schedule_name": SCHEDULE, "workflow_fn": every_five_seconds, "schedule": CRON}]
     )
-    slots.watch(slot)
+    slots.start_adopting()
     health = HealthCheck(url, APP)
     log.info("serving", extra={"database": config.redacted(url), "executor_id": DBOS.executor_id})
     yield
-    slots.stop_watching()
+    slots.stop_adopting()
     log.info("stopping DBOS", extra={"grace_seconds": GRACE_SECONDS})
     # Synchronous on purpose: the server has stopped serving, and DBOS.destroy shuts
     # down the thread pool asyncio.to_thread would use.
@@ -290,10 +319,11 @@ def main() -> None:
             f"WORKERS={workers} needs Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...): "
             "SQLite takes one process"
         )
-    check_reachable(url)
-    if postgres:
-        # Once, before the workers start, so they do not race to create the database.
-        DBOS.migrate(url)
+    if REJOIN_ENV not in os.environ:  # a fenced process, re-executed, waits instead
+        check_reachable(url)
+        if postgres:
+            # Once, before the workers start, so they do not race to create the database.
+            DBOS.migrate(url)
     import uvicorn
 
     os.environ["WORKERS"] = str(workers)  # for each worker's share of the queue

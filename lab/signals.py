@@ -1,5 +1,6 @@
-"""Stopping a process: a graceful stop (SIGTERM), a server crash (SIGKILL) and a
-script's simulated crash (exit at once, no cleanup)."""
+"""Stopping a process: a graceful stop (SIGTERM), a server crash (SIGKILL), a
+script's simulated crash (exit at once, no cleanup) and a fence (a process that lost
+its executor slot ends its image at once)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
+import time
 from typing import Any, NoReturn
 
 from lab.logs import log
@@ -42,6 +45,51 @@ def children(pid: int) -> list[int]:
             if ppid == pid:
                 found.append(int(entry))
     return found
+
+
+# Exit status of a uvicorn worker that fenced itself: anything but 3 (STARTUP_FAILURE),
+# on which uvicorn's supervisor stops the whole server instead of starting a new worker.
+FENCED_EXIT = 75
+
+
+def fence(rejoin_env: dict[str, str], *, stopping: bool = False) -> NoReturn:
+    """End this process image at once, every thread with it, as a crash would: no
+    cleanup, so nothing running here records anything afterwards. Pool processes
+    follow by their orphan guard (the parent's end of their sentinel pipe is closed
+    at exit and at exec).
+
+    A uvicorn worker exits (its supervisor starts a new one); a single process
+    re-executes itself in place (same pid: a supervisor such as dumb-init, Docker or
+    ``dbos start`` keeps watching it), with ``rejoin_env`` added to its environment;
+    during a graceful stop it just exits."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - nothing more to do on the way out
+            pass
+    if stopping or master_pid() is not None:
+        os._exit(FENCED_EXIT)
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **rejoin_env})
+
+
+def reap_children(timeout: float) -> list[int]:
+    """Wait (up to ``timeout``) for the children this process has before it starts
+    any, and reap them: after a re-exec, the previous image's pool processes, which
+    exit by their orphan guard but would stay zombies, unknown to the new image."""
+    left = children(os.getpid())
+    deadline = time.monotonic() + timeout
+    reaped = []
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                left.remove(pid)
+                reaped.append(pid)
+        time.sleep(0.02)
+    return reaped
 
 
 def stop_server() -> None:
