@@ -1,0 +1,376 @@
+"""Replicas: one replica of the shutdown demo is lost, cut off or frozen; the other
+finishes its work, and no executor id is ever served by two live processes.
+
+What it measures
+    Two replicas (``uvicorn fastapi_scope_shutdown:app``, each in its own PID namespace
+    and behind its own ``harness.faults.FaultProxy`` to one Postgres database; see
+    ``harness/replicas.py``). Replica A gets ``POST /trigger_async`` (a fan-out of
+    ``STEPS`` steps, ``MAX_N``); both replicas dequeue its steps from the shared queue.
+    Once A has steps in flight (PENDING under its executor id, a step done), the case's
+    fault hits A:
+
+    crash         A's process group gets SIGKILL; nothing restarts it (its kernel resets
+                  its connections: Postgres sees them end).
+    silent loss   A's proxy blackholes, then A gets SIGKILL behind it: Postgres never
+                  sees a reset (a host that lost power).
+    partition     A's proxy blackholes while A lives; once B has taken A's work over, the
+                  proxy heals.
+    freeze        A's process group gets SIGSTOP for ``FREEZE_SEC``, then SIGCONT (a long
+                  GC pause, a paused container). Takeover is right: a frozen process is
+                  indistinguishable from a dead one, and it fences itself on waking.
+    cut from all  every replica's proxy blackholes for ``CUT_SEC``, then heals: nobody
+                  could take over, every replica keeps or re-takes a slot.
+
+    Then it waits (with deadlines) for the fan-out to end, and reads the database, the
+    FIB_LEDGER (one line per step body run: step, pid) and the replicas' ``/healthz``,
+    polled every 0.25 s throughout (``harness.replicas.HealthLog``).
+
+Figures (``area = replicas``, per case)
+    takeover time (median, max)   seconds from the fault to the moment every workflow
+                                  that was PENDING under A at the fault has been handed to
+                                  a new execution (re-enqueued, dequeued again, or
+                                  finished by another), polled every 0.1 s. Targets: 10 s
+                                  after a crash, 15 s after a silent loss; also shown for
+                                  partition and freeze.
+    workflows lost                promise 0: the fan-out or a step not SUCCESS at the end.
+    step outputs recorded twice   promise 0: steps whose output is not recorded exactly
+                                  once, plus duplicate (workflow, operation) rows.
+    bodies run again beyond those in flight
+                                  promise 0: step bodies that ran more than once (ledger)
+                                  although not PENDING at the fault.
+    two live processes on one executor id
+                                  promise 0 s: overlap of spans in which two replicas both
+                                  answered /healthz 200 as the same executor id.
+    stale healthy answers         promise 0 (partition, freeze): /healthz 200 from A as the
+                                  executor id it had, for a request sent after the fault
+                                  and before A claimed a slot anew.
+    fresh claim after the fault   promise all (partition, freeze): A serves again, on a
+                                  lease it claimed after the fault (a new owner in
+                                  ``experiment6.executor_slots``).
+    outputs recorded by a stale owner
+                                  promise 0 (partition, freeze): steps A had in flight,
+                                  finished by another replica, whose recorded output's body
+                                  started before that replica dequeued them.
+    cut from all: healthy while cut
+                                  promise 0: /healthz 200 for a request sent while cut.
+    cut from all: resume after heal (median, max)
+                                  seconds from the heal to the last replica's first
+                                  /healthz 200; target 5 s.
+    cut from all: takeovers       promise 0: adoption lines ("adopted orphaned executor
+                                  slot") of any replica.
+    busy: false takeovers         promise 0: adoptions and self-fences while both replicas
+                                  run a CPU-saturating fan-out (``BUSY``), once with
+                                  ``executor=thread`` (the GIL) and once with the pool.
+
+    ``ctx.trials`` trials per case (at least ``MIN_TRIALS`` in a full run).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.db import query
+from harness.fanout import children, fan_out_result, ledger_runs
+from harness.proc import wait_for
+from harness.replicas import (
+    HealthLog,
+    Replica,
+    Replicas,
+    duplicate_outputs,
+    leases,
+    unfinished,
+)
+from reliability.core import Context, Figure, info, progress, promise
+
+AREA = "replicas"
+
+# 60 steps, the last 30 of them fib(30): a few seconds of CPU across the two replicas'
+# pools, so A still has steps running when the fault comes.
+STEPS, MAX_N = 60, 30
+FREEZE_SEC = 20
+CUT_SEC = 20
+# The issue's targets (figures, not test deadlines).
+TAKEOVER_TARGET_SEC = {"crash": 10.0, "silent loss": 15.0}
+RESUME_TARGET_SEC = 5.0
+MIN_TRIALS = 5
+# A CPU-saturating fan-out for the false-takeover check: fib(32) steps, ~0.5 s each.
+BUSY = {"steps": 60, "max_n": 32}
+# Safety deadlines.
+TAKEOVER_DEADLINE = 60
+FINISH_DEADLINE = 240
+POLL_SEC = 0.1
+
+CASES = ("crash", "silent loss", "partition", "freeze", "cut from all", "worker crash")
+# "worker crash": each replica runs WORKERS uvicorn workers; the one running A's fan-out
+# gets SIGKILL (its supervisor starts a replacement).
+WORKERS = 2
+
+
+@dataclass
+class CaseResult:
+    case: str
+    workflow_id: str = ""
+    owner: str = ""  # A's executor id
+    in_flight: set[int] = field(default_factory=set)  # steps PENDING at the fault
+    takeover_sec: float | None = None
+    finished: bool = False
+    result_ok: bool = False
+    outputs_not_one: list[int] = field(default_factory=list)
+    duplicate_rows: int = 0
+    runs: Counter[int] = field(default_factory=Counter)
+    lost: list[tuple[str, str]] = field(default_factory=list)
+    double_served_sec: float = 0.0
+    adoptions: int = 0
+    fences: int = 0
+    stale_healthy: int = 0
+    fresh_claim: bool | None = None
+    stale_outputs: list[int] = field(default_factory=list)
+    healthy_while_cut: int = 0
+    resume_sec: float | None = None
+    error: str | None = None
+
+    @property
+    def reruns_not_in_flight(self) -> list[int]:
+        return sorted(i for i, n in self.runs.items() if n > 1 and i not in self.in_flight)
+
+    @property
+    def recorded_twice(self) -> int:
+        return len(self.outputs_not_one) + self.duplicate_rows
+
+
+# --- what the database says ---------------------------------------------------------
+
+
+def pending_rows(db_url: str, executor_id: str) -> dict[str, Any]:
+    """id -> started_at of the workflows PENDING under ``executor_id``."""
+    rows = query(
+        db_url,
+        "SELECT workflow_uuid, started_at_epoch_ms FROM dbos.workflow_status "
+        "WHERE status = 'PENDING' AND executor_id = %s",
+        executor_id,
+    )
+    return {str(i): s for i, s in rows}
+
+
+def handed_over(db_url: str, executor_id: str, snapshot: dict[str, Any]) -> bool:
+    """Every workflow PENDING under ``executor_id`` at the fault is now another
+    execution's: no longer PENDING there with the same dequeue stamp."""
+    now = pending_rows(db_url, executor_id)
+    return not any(wf in now and now[wf] == started for wf, started in snapshot.items())
+
+
+def wait_takeover(db_url: str, executor_id: str, snapshot: dict[str, Any], t0: float) -> float:
+    wait_for(
+        lambda: handed_over(db_url, executor_id, snapshot),
+        TAKEOVER_DEADLINE,
+        POLL_SEC,
+        f"the work of {executor_id} to be taken over",
+    )
+    return time.monotonic() - t0
+
+
+def wait_busy(db_url: str, workflow_id: str, executor_id: str) -> None:
+    """A has steps in flight and some step is done: the fault lands mid fan-out."""
+
+    def busy() -> bool:
+        steps = children(db_url, workflow_id)
+        mine = [
+            c
+            for c in steps.values()
+            if c["status"] == "PENDING" and c["executor_id"] == executor_id
+        ]
+        return bool(mine) and any(c["status"] == "SUCCESS" for c in steps.values())
+
+    wait_for(busy, FINISH_DEADLINE, POLL_SEC, "replica A to have steps in flight")
+
+
+def lease_owner(db_url: str, executor_id: str) -> str | None:
+    slot = int(executor_id.rsplit("-", 1)[1])
+    row = leases(db_url).get(slot)
+    return row[0] if row else None
+
+
+# --- one trial ------------------------------------------------------------------------
+
+
+def run_case(case: str, db_url: str, workdir: Path) -> CaseResult:
+    """One trial of ``case`` on a fresh database."""
+    r = CaseResult(case)
+    workers = WORKERS if case == "worker crash" else None
+    with Replicas(db_url, workdir, workers=workers) as group:
+        health = HealthLog(group.members).start()
+        try:
+            _run(case, group, health, r)
+        except AssertionError as exc:  # a missed deadline is a finding, not a crash
+            r.error = str(exc)[:300]
+        finally:
+            health.stop()
+        r.double_served_sec = round(health.double_served_seconds(), 3)
+        r.adoptions = len(group.adoptions())
+        r.fences = sum(len(m.messages("executor slot lost: fencing")) for m in group.members)
+        _collect(db_url, group.ledger, r)
+    return r
+
+
+def _fault(case: str, group: Replicas, owner: str) -> None:
+    a = group.members[0]
+    if case == "crash":
+        a.kill()
+    elif case == "silent loss":
+        a.proxy.blackhole()
+        a.kill()
+    elif case == "partition":
+        a.proxy.blackhole()
+    elif case == "freeze":
+        a.freeze()
+    elif case == "worker crash":
+        a.kill_worker(owner)
+    elif case == "cut from all":
+        for m in group.members:
+            m.proxy.blackhole()
+    else:
+        raise ValueError(f"unknown case {case!r}")
+
+
+def _run(case: str, group: Replicas, health: HealthLog, r: CaseResult) -> None:
+    a, b = group.members
+    r.workflow_id = a.trigger(STEPS, MAX_N)
+    # The process that runs the fan-out (one of A's workers, with WORKERS > 1).
+    r.owner = str(
+        query(
+            group.db_url,
+            "SELECT executor_id FROM dbos.workflow_status WHERE workflow_uuid = %s",
+            r.workflow_id,
+        )[0][0]
+    )
+    wait_busy(group.db_url, r.workflow_id, r.owner)
+    old_owner = lease_owner(group.db_url, r.owner)
+    before = children(group.db_url, r.workflow_id)
+    t0 = time.monotonic()
+    _fault(case, group, r.owner)
+    snapshot = pending_rows(group.db_url, r.owner)
+    after = children(group.db_url, r.workflow_id)
+    r.in_flight = {i for c in (before, after) for i, s in c.items() if s["status"] == "PENDING"}
+    if case == "cut from all":
+        _cut_from_all(group, health, r, t0)
+    else:
+        r.takeover_sec = round(wait_takeover(group.db_url, r.owner, snapshot, t0), 3)
+    if case in ("partition", "freeze"):
+        if case == "freeze":
+            time.sleep(max(0.0, FREEZE_SEC - (time.monotonic() - t0)))  # the fault's length
+            a.thaw()
+        else:
+            a.proxy.heal()
+        _rejoin(a, group.db_url, health, r, t0, old_owner)
+    wait_for(
+        lambda: not unfinished(group.db_url, r.workflow_id),
+        FINISH_DEADLINE,
+        0.5,
+        f"fan-out {r.workflow_id} to finish",
+    )
+    r.finished = True
+    alive = b if case in ("crash", "silent loss") else a
+    r.result_ok = alive.client.view(r.workflow_id).get("result") == fan_out_result(STEPS, MAX_N)
+
+
+def _claims(a: Replica) -> list[dict[str, Any]]:
+    return a.messages("executor slot claimed")
+
+
+def _rejoin(
+    a: Replica, db_url: str, health: HealthLog, r: CaseResult, t0: float, old_owner: str | None
+) -> None:
+    """After a partition or a freeze: A claims a slot anew (its second "executor slot
+    claimed" line), then serves; no 200 as its old id in between."""
+    claims = wait_for(lambda: _claims(a)[1:], FINISH_DEADLINE, 0.2, "replica A to claim anew")
+    claimed_at = _monotonic(claims[0]["timestamp"])
+    body = a.wait_healthy(FINISH_DEADLINE)
+    new_owner = lease_owner(db_url, str(body["executor_id"]))
+    r.fresh_claim = new_owner is not None and new_owner != old_owner and claimed_at > t0
+    r.stale_healthy = sum(
+        1 for x in health.healthy("A", since=t0, until=claimed_at) if x.executor_id == r.owner
+    )
+
+
+def _monotonic(timestamp: str) -> float:
+    """A log line's wall-clock timestamp on this process's monotonic clock."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(timestamp).timestamp() - (time.time() - time.monotonic())
+
+
+def _cut_from_all(group: Replicas, health: HealthLog, r: CaseResult, t0: float) -> None:
+    time.sleep(CUT_SEC)  # the fault's length, not a wait for a state
+    healed = time.monotonic()
+    for m in group.members:
+        m.proxy.heal()
+    wait_for(
+        lambda: all(health.healthy(m.name, since=healed) for m in group.members),
+        FINISH_DEADLINE,
+        0.2,
+        "every replica to answer /healthz 200 after the heal",
+    )
+    firsts = [min(x.sent for x in health.healthy(m.name, since=healed)) for m in group.members]
+    r.resume_sec = round(max(firsts) - healed, 3)
+    # A request sent after the cut goes through the blackhole: no 200 can come back.
+    r.healthy_while_cut = sum(
+        len(health.healthy(m.name, since=t0, until=healed)) for m in group.members
+    )
+
+
+def _collect(db_url: str, ledger: Path, r: CaseResult) -> None:
+    if not r.workflow_id:
+        return
+    steps = children(db_url, r.workflow_id)
+    r.outputs_not_one = sorted(i for i in range(STEPS) if steps.get(i, {}).get("outputs") != 1)
+    r.duplicate_rows = duplicate_outputs(db_url)
+    r.runs = ledger_runs(ledger, r.workflow_id)
+    r.lost = unfinished(db_url, r.workflow_id)
+    # A's in-flight steps finished elsewhere: the recorded output's body must have
+    # started after that replica dequeued the step (not A's stale body).
+    r.stale_outputs = sorted(
+        i
+        for i, c in steps.items()
+        if i in r.in_flight
+        and c["executor_id"] != r.owner
+        and None not in (c["body"][0], c["started"])
+        and c["body"][0] < c["started"]
+    )
+
+
+# --- busy replicas: no false takeover ------------------------------------------------
+
+
+@dataclass
+class BusyResult:
+    executor: str
+    finished: bool = False
+    adoptions: int = 0
+    fences: int = 0
+    seconds: float = 0.0
+
+
+def run_busy(executor: str, db_url: str, workdir: Path) -> BusyResult:
+    """Both replicas saturated by one fan-out (``BUSY``); nothing may be taken over."""
+    r = BusyResult(executor)
+    with Replicas(db_url, workdir) as group:
+        a = group.members[0]
+        started = time.monotonic()
+        workflow_id = a.trigger(BUSY["steps"], BUSY["max_n"], executor=executor)
+        wait_for(
+            lambda: not unfinished(db_url, workflow_id),
+            FINISH_DEADLINE,
+            0.5,
+            f"busy fan-out {workflow_id} to finish",
+        )
+        r.seconds = round(time.monotonic() - started, 1)
+        r.finished = True
+        r.adoptions = len(group.adoptions())
+        r.fences = sum(len(m.messages("executor slot lost: fencing")) for m in group.members)
+    return r
