@@ -37,8 +37,8 @@ import httpx
 
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.faults import FaultProxy
 from harness.fanout import MODULE, demo_server
+from harness.faults import FaultProxy
 from harness.proc import free_port, read_json_lines, wait_for
 from harness.server import AppServer
 

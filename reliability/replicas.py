@@ -20,6 +20,8 @@ What it measures
                   indistinguishable from a dead one, and it fences itself on waking.
     cut from all  every replica's proxy blackholes for ``CUT_SEC``, then heals: nobody
                   could take over, every replica keeps or re-takes a slot.
+    worker crash  each replica runs ``WORKERS`` uvicorn workers; the worker that runs the
+                  fan-out gets SIGKILL (its supervisor starts a replacement).
 
     Then it waits (with deadlines) for the fan-out to end, and reads the database, the
     FIB_LEDGER (one line per step body run: step, pid) and the replicas' ``/healthz``,
@@ -62,7 +64,8 @@ Figures (``area = replicas``, per case)
                                   run a CPU-saturating fan-out (``BUSY``), once with
                                   ``executor=thread`` (the GIL) and once with the pool.
 
-    ``ctx.trials`` trials per case (at least ``MIN_TRIALS`` in a full run).
+    ``MIN_TRIALS`` trials per case and per busy executor in a full run; a quick run
+    (``--quick``, the tests) does ``ctx.trials`` of ``QUICK_CASES`` and ``QUICK_BUSY``.
 """
 
 from __future__ import annotations
@@ -70,7 +73,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,9 @@ class CaseResult:
     stale_outputs: list[int] = field(default_factory=list)
     healthy_while_cut: int = 0
     resume_sec: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # cut from all: heal -> each
+    # partition: A's fence line to the first adoption line (both this machine's clock).
+    fence_lead_sec: float | None = None
     error: str | None = None
 
     @property
@@ -214,8 +219,20 @@ def run_case(case: str, db_url: str, workdir: Path) -> CaseResult:
         r.double_served_sec = round(health.double_served_seconds(), 3)
         r.adoptions = len(group.adoptions())
         r.fences = sum(len(m.messages("executor slot lost: fencing")) for m in group.members)
+        r.fence_lead_sec = _fence_lead(group)
         _collect(db_url, group.ledger, r)
     return r
+
+
+def _fence_lead(group: Replicas) -> float | None:
+    """Seconds from A's first fence to the first adoption of any replica (None when
+    either did not happen)."""
+    fences = group.members[0].messages("executor slot lost: fencing")
+    adoptions = group.adoptions()
+    if not fences or not adoptions:
+        return None
+    first = min(_monotonic(x["timestamp"]) for x in adoptions)
+    return round(first - _monotonic(fences[0]["timestamp"]), 3)
 
 
 def _fault(case: str, group: Replicas, owner: str) -> None:
@@ -318,10 +335,34 @@ def _cut_from_all(group: Replicas, health: HealthLog, r: CaseResult, t0: float) 
     )
     firsts = [min(x.sent for x in health.healthy(m.name, since=healed)) for m in group.members]
     r.resume_sec = round(max(firsts) - healed, 3)
+    r.phases = _phases(group, healed)
     # A request sent after the cut goes through the blackhole: no 200 can come back.
     r.healthy_while_cut = sum(
         len(health.healthy(m.name, since=t0, until=healed)) for m in group.members
     )
+
+
+# What a replica does between the heal and its first healthy answer, in order.
+PHASES = {
+    "slot claimed": "executor slot claimed",
+    "DBOS launched": "DBOS launched!",
+    "serving": "serving",
+}
+
+
+def _phases(group: Replicas, healed: float) -> dict[str, float]:
+    """Seconds from the heal to each phase of the slowest replica (its log lines)."""
+    found: dict[str, float] = {}
+    for phase, message in PHASES.items():
+        times = []
+        for m in group.members:
+            after = [_monotonic(x["timestamp"]) for x in m.messages(message)]
+            after = [t for t in after if t >= healed]
+            if after:
+                times.append(min(after) - healed)
+        if len(times) == len(group.members):
+            found[phase] = round(max(times), 3)
+    return found
 
 
 def _collect(db_url: str, ledger: Path, r: CaseResult) -> None:
@@ -374,3 +415,159 @@ def run_busy(executor: str, db_url: str, workdir: Path) -> BusyResult:
         r.adoptions = len(group.adoptions())
         r.fences = sum(len(m.messages("executor slot lost: fencing")) for m in group.members)
     return r
+
+
+# --- the area ----------------------------------------------------------------------
+
+# Takeover targets per case: a crash (the kernel resets the connections) 10 s, a
+# silent loss 15 s; a partition and a freeze look like a silent loss from the peers.
+TARGETS = {
+    "crash": TAKEOVER_TARGET_SEC["crash"],
+    "worker crash": TAKEOVER_TARGET_SEC["crash"],
+    "silent loss": TAKEOVER_TARGET_SEC["silent loss"],
+    "partition": TAKEOVER_TARGET_SEC["silent loss"],
+    "freeze": TAKEOVER_TARGET_SEC["silent loss"],
+}
+QUICK_CASES = ("crash", "cut from all")
+QUICK_BUSY = ("thread",)
+
+
+def trials_for(ctx: Context) -> int:
+    """``MIN_TRIALS`` per case in a full run; a quick run (the tests) does ``ctx.trials``."""
+    return min(ctx.trials, MIN_TRIALS) if ctx.quick else MIN_TRIALS
+
+
+def run_cases(ctx: Context, cases: tuple[str, ...], trials: int) -> list[CaseResult]:
+    done = []
+    for case in cases:
+        for i in range(trials):
+            label = case.replace(" ", "-")
+            url = ctx.fresh_db(f"replicas_{label.replace('-', '_')}_{i}")
+            r = run_case(case, url, ctx.scratch(f"replicas-{label}-{i}"))
+            progress(
+                f"replicas {case} {i + 1}/{trials}: takeover {r.takeover_sec}s, resume "
+                f"{r.resume_sec}s, lost {len(r.lost)}, twice {r.recorded_twice}, reruns not "
+                f"in flight {r.reruns_not_in_flight}, error {r.error}"
+            )
+            done.append(r)
+    return done
+
+
+def run_busy_trials(ctx: Context, executors: tuple[str, ...], trials: int) -> list[BusyResult]:
+    done = []
+    for executor in executors:
+        for i in range(trials):
+            url = ctx.fresh_db(f"replicas_busy_{executor}_{i}")
+            b = run_busy(executor, url, ctx.scratch(f"replicas-busy-{executor}-{i}"))
+            progress(f"replicas busy {executor} {i + 1}/{trials}: {b}")
+            done.append(b)
+    return done
+
+
+def run(ctx: Context) -> list[Figure]:
+    trials = trials_for(ctx)
+    cases = QUICK_CASES if ctx.quick else CASES
+    busy = QUICK_BUSY if ctx.quick else ("thread", "process")
+    results = run_cases(ctx, cases, trials)
+    return case_figures(results) + busy_figures(run_busy_trials(ctx, busy, trials))
+
+
+def _seconds(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "none"
+    return f"{statistics.median(got):.1f} s, {max(got):.1f} s"
+
+
+def case_figures(results: list[CaseResult]) -> list[Figure]:
+    figures: list[Figure] = []
+    for case in dict.fromkeys(r.case for r in results):
+        rs = [r for r in results if r.case == case]
+        figures += _common_figures(case, rs)
+        if case in TARGETS:
+            target = TARGETS[case]
+            times = [r.takeover_sec for r in rs]
+            ok = all(t is not None and t <= target for t in times)
+            figures.append(
+                promise(AREA, f"{case}: takeover time (median, max)", _seconds(times), ok,
+                        f"<= {target:.0f} s", "fault -> every PENDING workflow of A re-owned")
+            )  # fmt: skip
+        if case in ("partition", "freeze"):
+            figures += _rejoin_figures(case, rs)
+        if case == "cut from all":
+            figures += _cut_figures(rs)
+    return figures
+
+
+def _common_figures(case: str, rs: list[CaseResult]) -> list[Figure]:
+    reruns = sum(sum(1 for n in r.runs.values() if n > 1) for r in rs)
+    return [
+        info(AREA, f"{case}: trials", len(rs), f"{STEPS} steps, max_n {MAX_N}"),
+        promise(AREA, f"{case}: trials that missed a deadline",
+                sum(r.error is not None for r in rs), not any(r.error for r in rs), "0",
+                next((r.error for r in rs if r.error), "")),
+        promise(AREA, f"{case}: workflows lost", sum(len(r.lost) for r in rs),
+                all(r.finished and r.result_ok and not r.lost for r in rs), "0",
+                "fan-out or step not SUCCESS, or a wrong result"),
+        promise(AREA, f"{case}: step outputs recorded twice", sum(r.recorded_twice for r in rs),
+                all(r.recorded_twice == 0 for r in rs), "0"),
+        info(AREA, f"{case}: bodies run again (in flight at the fault)", reruns),
+        promise(AREA, f"{case}: bodies run again beyond those in flight",
+                sum(len(r.reruns_not_in_flight) for r in rs),
+                all(not r.reruns_not_in_flight for r in rs), "0"),
+        promise(AREA, f"{case}: two live processes on one executor id",
+                f"{sum(r.double_served_sec for r in rs):.1f} s",
+                all(r.double_served_sec == 0 for r in rs), "0 s", "overlapping /healthz 200"),
+    ]  # fmt: skip
+
+
+def _rejoin_figures(case: str, rs: list[CaseResult]) -> list[Figure]:
+    figures = []
+    if case == "partition":
+        leads = [r.fence_lead_sec for r in rs]
+        figures.append(
+            promise(AREA, f"{case}: A fenced before B took over (min lead)",
+                    "none" if None in leads else f"{min(x for x in leads if x is not None):.1f} s",
+                    all(x is not None and x > 0 for x in leads), "> 0 s",
+                    "A's fence line -> the first adoption line")
+        )  # fmt: skip
+    return figures + [
+        promise(AREA, f"{case}: A healthy as its lost id before claiming anew",
+                sum(r.stale_healthy for r in rs), all(r.stale_healthy == 0 for r in rs), "0"),
+        promise(AREA, f"{case}: A back on a fresh claim", sum(bool(r.fresh_claim) for r in rs),
+                all(r.fresh_claim for r in rs), "all", "a new lease owner after the fault"),
+        promise(AREA, f"{case}: outputs recorded by the stale owner",
+                sum(len(r.stale_outputs) for r in rs), all(not r.stale_outputs for r in rs), "0"),
+    ]  # fmt: skip
+
+
+def _cut_figures(rs: list[CaseResult]) -> list[Figure]:
+    case = "cut from all"
+    phases = {p: _seconds([r.phases.get(p) for r in rs]) for p in PHASES}
+    return [
+        promise(AREA, f"{case}: /healthz 200 while cut", sum(r.healthy_while_cut for r in rs),
+                all(r.healthy_while_cut == 0 for r in rs), "0", f"{CUT_SEC} s cut"),
+        promise(AREA, f"{case}: takeovers", sum(r.adoptions for r in rs),
+                all(r.adoptions == 0 for r in rs), "0", "nobody could take over"),
+        promise(AREA, f"{case}: resume after the heal (median, max)",
+                _seconds([r.resume_sec for r in rs]),
+                all(r.resume_sec is not None and r.resume_sec <= RESUME_TARGET_SEC for r in rs),
+                f"<= {RESUME_TARGET_SEC:.0f} s", "heal -> every replica's first /healthz 200"),
+        info(AREA, f"{case}: heal -> phase of the slowest replica (median, max)",
+             "; ".join(f"{p} {v}" for p, v in phases.items()),
+             "each replica fenced itself during the cut and re-executed"),
+    ]  # fmt: skip
+
+
+def busy_figures(rs: list[BusyResult]) -> list[Figure]:
+    figures = []
+    for executor in dict.fromkeys(b.executor for b in rs):
+        bs = [b for b in rs if b.executor == executor]
+        figures += [
+            promise(AREA, f"busy (executor={executor}): false takeovers and self-fences",
+                    sum(b.adoptions + b.fences for b in bs),
+                    all(b.finished and b.adoptions == 0 and b.fences == 0 for b in bs), "0",
+                    f"{len(bs)} CPU-saturating fan-outs ({BUSY['steps']} steps, max_n "
+                    f"{BUSY['max_n']}), {_seconds([b.seconds for b in bs])} each"),
+        ]  # fmt: skip
+    return figures
