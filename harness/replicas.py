@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,19 @@ class Replica:
     def records(self) -> list[dict[str, Any]]:
         return read_json_lines(self.server.log_text())[0]
 
-    def messages(self, message: str) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r.get("message") == message]
+    def messages(self, message: str, since: float | None = None) -> list[dict[str, Any]]:
+        """Log lines with this message (logged at or after ``since``, monotonic)."""
+        lines = [r for r in self.records() if r.get("message") == message]
+        if since is not None:
+            lines = [r for r in lines if logged_at(r) >= since]
+        return lines
+
+
+def logged_at(record: dict[str, Any]) -> float:
+    """A log line's wall-clock timestamp on this process's monotonic clock (one machine)."""
+    return datetime.fromisoformat(record["timestamp"]).timestamp() - (
+        time.time() - time.monotonic()
+    )
 
 
 @dataclass
@@ -266,6 +278,7 @@ class Replicas:
     own_namespaces: bool = field(default_factory=pid_namespaces_available)
     env: dict[str, str] = field(default_factory=dict)
     members: list[Replica] = field(default_factory=list)
+    spawned: int = 0
 
     @property
     def ledger(self) -> Path:
@@ -273,25 +286,46 @@ class Replicas:
 
     def start(self) -> Replicas:
         for i in range(self.count):
-            name = "ABCDEFGH"[i]
-            proxy = FaultProxy.to_url(self.db_url, name)
-            server = demo_server(
-                proxy.url(self.db_url),
-                self.workdir / f"replica-{name}.log",
-                workers=self.workers,
-                ledger=self.ledger,
-                port=free_port(),
-                env=self.env,
-                ready_path="/healthz",
-                ready_timeout=START_TIMEOUT,
-            )
-            if self.own_namespaces:
-                _own_namespace(server)
-            replica = Replica(name, proxy, server)
-            self.members.append(replica)
+            self.members.append(self._spawn("ABCDEFGH"[i]))
+        return self
+
+    def _spawn(self, name: str) -> Replica:
+        """A new replica (process and proxy), started and healthy."""
+        proxy = FaultProxy.to_url(self.db_url, name)
+        self.spawned += 1
+        server = demo_server(
+            proxy.url(self.db_url),
+            self.workdir / f"replica-{name}-{self.spawned}.log",
+            workers=self.workers,
+            ledger=self.ledger,
+            port=free_port(),
+            env=self.env,
+            ready_path="/healthz",
+            ready_timeout=START_TIMEOUT,
+        )
+        if self.own_namespaces:
+            _own_namespace(server)
+        replica = Replica(name, proxy, server)
+        try:
             server.start()
             replica.executor_id = str(replica.wait_healthy(START_TIMEOUT)["executor_id"])
-        return self
+        except BaseException:
+            server.close()
+            proxy.close()
+            raise
+        return replica
+
+    def ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Every member serves: a dead one is replaced by a new replica of that name (a
+        new process, a new proxy), then all must answer /healthz 200."""
+        for i, member in enumerate(self.members):
+            if not member.server.running:
+                member.server.close()
+                member.proxy.close()
+                self.members[i] = self._spawn(member.name)
+        for member in self.members:
+            member.proxy.heal()
+            member.wait_healthy(timeout)
 
     def close(self) -> None:
         for replica in self.members:
@@ -312,9 +346,15 @@ class Replicas:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def adoptions(self) -> list[dict[str, Any]]:
-        """Every "adopted orphaned executor slot" line of every replica."""
-        return [r for m in self.members for r in m.messages("adopted orphaned executor slot")]
+    def lines(self, message: str, since: float | None = None) -> list[dict[str, Any]]:
+        """The log lines with ``message`` of every member (since ``since``, monotonic)."""
+        return [r for m in self.members for r in m.messages(message, since)]
+
+    def adoptions(self, since: float | None = None) -> list[dict[str, Any]]:
+        return self.lines("adopted orphaned executor slot", since)
+
+    def fences(self, since: float | None = None) -> list[dict[str, Any]]:
+        return self.lines("executor slot lost: fencing", since)
 
 
 # --- what the database says -------------------------------------------------------------

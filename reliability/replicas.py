@@ -64,8 +64,11 @@ Figures (``area = replicas``, per case)
                                   run a CPU-saturating fan-out (``BUSY``), once with
                                   ``executor=thread`` (the GIL) and once with the pool.
 
-    ``MIN_TRIALS`` trials per case and per busy executor in a full run; a quick run
-    (``--quick``, the tests) does ``ctx.trials`` of ``QUICK_CASES`` and ``QUICK_BUSY``.
+    A trial is one pair of replicas on a fresh database going through the cases in
+    ``ORDER`` (a lost A is replaced by a new replica before the next case) and the busy
+    fan-outs, plus a pair with ``WORKERS`` workers each for the worker crash.
+    ``MIN_TRIALS`` trials in a full run; a quick run (``--quick``, the tests) does
+    ``ctx.trials`` trials of ``QUICK_CASES``, no busy fan-outs.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from harness.replicas import (
     Replicas,
     duplicate_outputs,
     leases,
+    logged_at,
     unfinished,
 )
 from reliability.core import Context, Figure, info, progress, promise
@@ -109,6 +113,10 @@ FINISH_DEADLINE = 240
 POLL_SEC = 0.1
 
 CASES = ("crash", "silent loss", "partition", "freeze", "cut from all", "worker crash")
+# The order one pair of replicas goes through them: A survives the first three.
+ORDER = ("cut from all", "partition", "freeze", "crash", "silent loss", "worker crash")
+# One pool process per replica: two replicas share the machine's two cores.
+POOL = 1
 # "worker crash": each replica runs WORKERS uvicorn workers; the one running A's fan-out
 # gets SIGKILL (its supervisor starts a replacement).
 WORKERS = 2
@@ -204,35 +212,40 @@ def lease_owner(db_url: str, executor_id: str) -> str | None:
 # --- one trial ------------------------------------------------------------------------
 
 
-def run_case(case: str, db_url: str, workdir: Path) -> CaseResult:
-    """One trial of ``case`` on a fresh database."""
+def replicas(db_url: str, workdir: Path, workers: int | None = None) -> Replicas:
+    """The two replicas the cases run on (not started: use as a context manager)."""
+    return Replicas(db_url, workdir, workers=workers, env={"FIB_PROCESSES": str(POOL)})
+
+
+def run_case(case: str, group: Replicas) -> CaseResult:
+    """One trial of ``case`` on running replicas (a dead member is replaced first: the
+    cases run one after the other on the same database)."""
     r = CaseResult(case)
-    workers = WORKERS if case == "worker crash" else None
-    with Replicas(db_url, workdir, workers=workers) as group:
-        health = HealthLog(group.members).start()
-        try:
-            _run(case, group, health, r)
-        except AssertionError as exc:  # a missed deadline is a finding, not a crash
-            r.error = str(exc)[:300]
-        finally:
-            health.stop()
-        r.double_served_sec = round(health.double_served_seconds(), 3)
-        r.adoptions = len(group.adoptions())
-        r.fences = sum(len(m.messages("executor slot lost: fencing")) for m in group.members)
-        r.fence_lead_sec = _fence_lead(group)
-        _collect(db_url, group.ledger, r)
+    group.ready()
+    since = time.monotonic()
+    health = HealthLog(group.members).start()
+    try:
+        _run(case, group, health, r)
+    except AssertionError as exc:  # a missed deadline is a finding, not a crash
+        r.error = str(exc)[:300]
+    finally:
+        health.stop()
+    r.double_served_sec = round(health.double_served_seconds(), 3)
+    r.adoptions = len(group.adoptions(since))
+    r.fences = len(group.fences(since))
+    r.fence_lead_sec = _fence_lead(group, since)
+    _collect(group.db_url, group.ledger, r)
     return r
 
 
-def _fence_lead(group: Replicas) -> float | None:
+def _fence_lead(group: Replicas, since: float) -> float | None:
     """Seconds from A's first fence to the first adoption of any replica (None when
     either did not happen)."""
-    fences = group.members[0].messages("executor slot lost: fencing")
-    adoptions = group.adoptions()
+    fences = group.members[0].messages("executor slot lost: fencing", since)
+    adoptions = group.adoptions(since)
     if not fences or not adoptions:
         return None
-    first = min(_monotonic(x["timestamp"]) for x in adoptions)
-    return round(first - _monotonic(fences[0]["timestamp"]), 3)
+    return round(min(logged_at(x) for x in adoptions) - logged_at(fences[0]), 3)
 
 
 def _fault(case: str, group: Replicas, owner: str) -> None:
@@ -296,30 +309,24 @@ def _run(case: str, group: Replicas, health: HealthLog, r: CaseResult) -> None:
     r.result_ok = alive.client.view(r.workflow_id).get("result") == fan_out_result(STEPS, MAX_N)
 
 
-def _claims(a: Replica) -> list[dict[str, Any]]:
-    return a.messages("executor slot claimed")
-
-
 def _rejoin(
     a: Replica, db_url: str, health: HealthLog, r: CaseResult, t0: float, old_owner: str | None
 ) -> None:
-    """After a partition or a freeze: A claims a slot anew (its second "executor slot
-    claimed" line), then serves; no 200 as its old id in between."""
-    claims = wait_for(lambda: _claims(a)[1:], FINISH_DEADLINE, 0.2, "replica A to claim anew")
-    claimed_at = _monotonic(claims[0]["timestamp"])
+    """After a partition or a freeze: A claims a slot anew (an "executor slot claimed"
+    line after the fault), then serves; no 200 as its old id in between."""
+    claims = wait_for(
+        lambda: a.messages("executor slot claimed", since=t0),
+        FINISH_DEADLINE,
+        0.2,
+        "replica A to claim anew",
+    )
+    claimed_at = logged_at(claims[0])
     body = a.wait_healthy(FINISH_DEADLINE)
     new_owner = lease_owner(db_url, str(body["executor_id"]))
-    r.fresh_claim = new_owner is not None and new_owner != old_owner and claimed_at > t0
+    r.fresh_claim = new_owner is not None and new_owner != old_owner
     r.stale_healthy = sum(
-        1 for x in health.healthy("A", since=t0, until=claimed_at) if x.executor_id == r.owner
+        1 for x in health.healthy(a.name, since=t0, until=claimed_at) if x.executor_id == r.owner
     )
-
-
-def _monotonic(timestamp: str) -> float:
-    """A log line's wall-clock timestamp on this process's monotonic clock."""
-    from datetime import datetime
-
-    return datetime.fromisoformat(timestamp).timestamp() - (time.time() - time.monotonic())
 
 
 def _cut_from_all(group: Replicas, health: HealthLog, r: CaseResult, t0: float) -> None:
@@ -354,12 +361,11 @@ def _phases(group: Replicas, healed: float) -> dict[str, float]:
     """Seconds from the heal to each phase of the slowest replica (its log lines)."""
     found: dict[str, float] = {}
     for phase, message in PHASES.items():
-        times = []
-        for m in group.members:
-            after = [_monotonic(x["timestamp"]) for x in m.messages(message)]
-            after = [t for t in after if t >= healed]
-            if after:
-                times.append(min(after) - healed)
+        times = [
+            min(logged_at(x) for x in lines) - healed
+            for m in group.members
+            if (lines := m.messages(message, since=healed))
+        ]
         if len(times) == len(group.members):
             found[phase] = round(max(times), 3)
     return found
@@ -397,23 +403,22 @@ class BusyResult:
     seconds: float = 0.0
 
 
-def run_busy(executor: str, db_url: str, workdir: Path) -> BusyResult:
+def run_busy(executor: str, group: Replicas) -> BusyResult:
     """Both replicas saturated by one fan-out (``BUSY``); nothing may be taken over."""
     r = BusyResult(executor)
-    with Replicas(db_url, workdir) as group:
-        a = group.members[0]
-        started = time.monotonic()
-        workflow_id = a.trigger(BUSY["steps"], BUSY["max_n"], executor=executor)
-        wait_for(
-            lambda: not unfinished(db_url, workflow_id),
-            FINISH_DEADLINE,
-            0.5,
-            f"busy fan-out {workflow_id} to finish",
-        )
-        r.seconds = round(time.monotonic() - started, 1)
-        r.finished = True
-        r.adoptions = len(group.adoptions())
-        r.fences = sum(len(m.messages("executor slot lost: fencing")) for m in group.members)
+    group.ready()
+    since = time.monotonic()
+    workflow_id = group.members[0].trigger(BUSY["steps"], BUSY["max_n"], executor=executor)
+    wait_for(
+        lambda: not unfinished(group.db_url, workflow_id),
+        FINISH_DEADLINE,
+        0.5,
+        f"busy fan-out {workflow_id} to finish",
+    )
+    r.seconds = round(time.monotonic() - since, 1)
+    r.finished = True
+    r.adoptions = len(group.adoptions(since))
+    r.fences = len(group.fences(since))
     return r
 
 
@@ -428,48 +433,54 @@ TARGETS = {
     "partition": TAKEOVER_TARGET_SEC["silent loss"],
     "freeze": TAKEOVER_TARGET_SEC["silent loss"],
 }
-QUICK_CASES = ("crash", "cut from all")
-QUICK_BUSY = ("thread",)
+QUICK_CASES = ("cut from all", "partition", "crash")
 
 
 def trials_for(ctx: Context) -> int:
-    """``MIN_TRIALS`` per case in a full run; a quick run (the tests) does ``ctx.trials``."""
+    """``MIN_TRIALS`` in a full run; a quick run (the tests) does ``ctx.trials``."""
     return min(ctx.trials, MIN_TRIALS) if ctx.quick else MIN_TRIALS
 
 
-def run_cases(ctx: Context, cases: tuple[str, ...], trials: int) -> list[CaseResult]:
-    done = []
-    for case in cases:
-        for i in range(trials):
-            label = case.replace(" ", "-")
-            url = ctx.fresh_db(f"replicas_{label.replace('-', '_')}_{i}")
-            r = run_case(case, url, ctx.scratch(f"replicas-{label}-{i}"))
-            progress(
-                f"replicas {case} {i + 1}/{trials}: takeover {r.takeover_sec}s, resume "
-                f"{r.resume_sec}s, lost {len(r.lost)}, twice {r.recorded_twice}, reruns not "
-                f"in flight {r.reruns_not_in_flight}, error {r.error}"
-            )
-            done.append(r)
-    return done
+def run_trial(ctx: Context, i: int, cases: tuple[str, ...], busy: tuple[str, ...]) -> Any:
+    """One pair of replicas on a fresh database through every case in order (those that
+    leave A alive first; a lost A is replaced by a new replica before the next case),
+    the busy fan-outs, then a pair with ``WORKERS`` workers each for the worker crash."""
+    results: list[CaseResult] = []
+    busy_results: list[BusyResult] = []
+    single = [c for c in cases if c != "worker crash"]
+    with replicas(ctx.fresh_db(f"replicas_{i}"), ctx.scratch(f"replicas-{i}")) as group:
+        for case in single:
+            results.append(_report(i, run_case(case, group)))
+        for executor in busy:
+            busy_results.append(run_busy(executor, group))
+            progress(f"replicas trial {i + 1}: {busy_results[-1]}")
+    if "worker crash" in cases:
+        url, scratch = ctx.fresh_db(f"replicas_w_{i}"), ctx.scratch(f"replicas-w-{i}")
+        with replicas(url, scratch, workers=WORKERS) as group:
+            results.append(_report(i, run_case("worker crash", group)))
+    return results, busy_results
 
 
-def run_busy_trials(ctx: Context, executors: tuple[str, ...], trials: int) -> list[BusyResult]:
-    done = []
-    for executor in executors:
-        for i in range(trials):
-            url = ctx.fresh_db(f"replicas_busy_{executor}_{i}")
-            b = run_busy(executor, url, ctx.scratch(f"replicas-busy-{executor}-{i}"))
-            progress(f"replicas busy {executor} {i + 1}/{trials}: {b}")
-            done.append(b)
-    return done
+def _report(i: int, r: CaseResult) -> CaseResult:
+    progress(
+        f"replicas trial {i + 1}, {r.case}: takeover {r.takeover_sec}s, resume "
+        f"{r.resume_sec}s {r.phases}, lost {len(r.lost)}, twice {r.recorded_twice}, "
+        f"reruns not in flight {r.reruns_not_in_flight}, adoptions {r.adoptions}, "
+        f"error {r.error}"
+    )
+    return r
 
 
 def run(ctx: Context) -> list[Figure]:
-    trials = trials_for(ctx)
-    cases = QUICK_CASES if ctx.quick else CASES
-    busy = QUICK_BUSY if ctx.quick else ("thread", "process")
-    results = run_cases(ctx, cases, trials)
-    return case_figures(results) + busy_figures(run_busy_trials(ctx, busy, trials))
+    cases = QUICK_CASES if ctx.quick else ORDER
+    busy = () if ctx.quick else ("thread", "process")
+    results: list[CaseResult] = []
+    busy_results: list[BusyResult] = []
+    for i in range(trials_for(ctx)):
+        rs, bs = run_trial(ctx, i, cases, busy)
+        results += rs
+        busy_results += bs
+    return case_figures(results) + busy_figures(busy_results)
 
 
 def _seconds(values: list[float | None]) -> str:
