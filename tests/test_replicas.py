@@ -107,7 +107,9 @@ def test_a_lost_replica_is_taken_over(case: str, pair: Replicas) -> None:
     # Nothing restarted A: a peer adopted its slot, after waiting out the lease (the
     # lost owner must have fenced itself first, had it lived).
     assert r.adoptions >= 1
-    assert r.takeover_sec is not None and r.takeover_sec > shutdown_app.FENCE_SEC
+    assert r.takeover_sec is not None
+    if pair.own_namespaces:  # else a peer on this host sees A's pid gone, and need not wait
+        assert r.takeover_sec > shutdown_app.FENCE_SEC, r.takeover_sec
 
 
 def test_a_lost_worker_of_a_replica_is_taken_over(pg_url: str, tmp_path: Path) -> None:
