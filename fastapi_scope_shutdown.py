@@ -81,8 +81,10 @@ ADOPT_EVERY_SEC = 1.0
 def fence(slot: int, stopping: bool) -> None:
     """A lost slot: end this process image now; a re-executed single process asks
     for its slot back (a uvicorn worker's replacement finds it by its dead pid)."""
-    signals.fence({REJOIN_ENV: str(slot)}, stopping=stopping)
+    signals.fence(slots.rejoin_env(), stopping=stopping)
 
+
+TRACKER_WARNINGS = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 # Executor ids: every process claims a numbered slot, executor "shutdown-<n>" (lab/slots.py).
 slots = ExecutorSlots(
@@ -169,10 +171,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     # The sync DBOS APIs refuse to run on the event loop: these run on threads.
     if not waiting:
         await asyncio.to_thread(check_reachable, url)
-    prefer = int(rejoin) if rejoin and rejoin.isdigit() else None
     if rejoin is not None:
         signals.reap_children(timeout=5)  # the fenced image's pool, ending
-    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, prefer=prefer)
+    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, rejoin=rejoin)
     cfg["executor_id"] = slots.executor_id(slot)
     log.info(
         "executor slot claimed",
@@ -183,6 +184,11 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             "rejoin": rejoin is not None,
         },
     )
+    # After a fence, the pool's resource tracker outlives the image and frees the pool's
+    # semaphores, warning on stderr (a line that is not JSON): expected then, silenced.
+    filters = os.environ.get("PYTHONWARNINGS", "")
+    if TRACKER_WARNINGS not in filters:
+        os.environ["PYTHONWARNINGS"] = ",".join(w for w in (filters, TRACKER_WARNINGS) if w)
     pool.start(pool_size(), preload=fib.__module__)  # before DBOS: recovery may resume at once
     await asyncio.to_thread(launch, cfg)
     await asyncio.to_thread(pool.ready)

@@ -25,10 +25,11 @@ the system database whose ``expires_at`` is set by the database's own clock.
   taken (the same conditional upsert, so no process claims them meanwhile), their
   work re-enqueued with ``DBOS._recover_pending_workflows``, and let go. A live lease
   is never adopted.
-- A dead owner on this very machine (same boot and pid namespace, its pid gone or
-  another process now) is known dead without waiting for its lease: a restarted or
-  replacement worker takes its predecessor's slot at once and recovers exactly its
-  work, and so does a process re-executed after a fence.
+- Claiming (never adopting) also takes a live-looking lease whose owner is known
+  dead: on this very machine (same boot and pid namespace) its pid is gone or is
+  another process now, or it is the previous image of a process re-executed after a
+  fence. So a restarted process, or uvicorn's replacement of a dead worker, takes its
+  predecessor's slot at once and recovers exactly its work at launch.
 
 On SQLite there is one process, slot 0, enforced with a lock file (no leases).
 """
@@ -61,7 +62,8 @@ FENCE_CHECK_SEC = 0.2
 # A rejoining process (a fenced one, re-executed; a uvicorn worker) tries this often
 # to reach the database and claim a slot.
 REJOIN_RETRY_SEC = 0.5
-# Set by a fenced single process for its next image: the slot it held.
+# Set by a fenced single process for its next image: "<slot>:<owner>", the slot it
+# held and the owner it held it as (that owner is gone: the new image may take it).
 REJOIN_ENV = "SLOT_REJOIN"
 
 _CREATE = f"""
@@ -229,25 +231,36 @@ class ExecutorSlots:
 
     # --- claiming ---------------------------------------------------------------
 
-    def claim(self, url: str, *, wait: bool = False, prefer: int | None = None) -> int:
-        """Claim a slot (``prefer`` first if free, else the lowest free) and start
-        keeping it. ``wait``: retry until the database answers and a slot is free
-        (a rejoining process); otherwise exit with one line."""
+    def rejoin_env(self) -> dict[str, str]:
+        """For the next image of a fenced process: the slot and owner it had."""
+        return {REJOIN_ENV: f"{self.slot}:{self.owner}"}
+
+    def claim(self, url: str, *, wait: bool = False, rejoin: str | None = None) -> int:
+        """Claim a slot and start keeping it: the lowest free one, or after a fence
+        (``rejoin``: the previous image's ``REJOIN_ENV``) the one it held, if free.
+        ``wait``: retry until the database answers and a slot is free (a rejoining
+        process); otherwise exit with one line."""
         self._url = url
+        prefer, previous = None, None
+        if rejoin and rejoin.partition(":")[0].isdigit():
+            prefer, previous = int(rejoin.partition(":")[0]), rejoin.partition(":")[2]
+        waited = False
         if database_kind(url) == "sqlite":
             return self._claim_sqlite(url)
         while True:
             try:
-                slot = self._try_claim(prefer)
+                slot = self.try_claim(url, prefer, previous)
+                problem = f"all {self.max_slots} executor slots of {self.name} are taken"
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out
-                if not wait:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    fail(f"cannot reach the system database: {first}")
-                slot = None
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                slot, problem = None, f"cannot reach the system database: {first}"
             if slot is not None:
                 break
             if not wait:
-                fail(f"all {self.max_slots} executor slots of {self.name} are taken")
+                fail(problem)
+            if not waited:
+                self.log.warning("waiting to claim an executor slot", extra={"reason": problem})
+                waited = True
             time.sleep(REJOIN_RETRY_SEC)
         self.slot = slot
         self._start(self._keep, "slot-keeper")
@@ -269,10 +282,14 @@ class ExecutorSlots:
         self.slot = 0
         return 0
 
-    def _try_claim(self, prefer: int | None) -> int | None:
-        """One attempt: the slot taken, or None when every slot is held."""
+    def try_claim(
+        self, url: str, prefer: int | None = None, previous: str | None = None
+    ) -> int | None:
+        """One attempt (no keeping): the slot taken, or None when every slot is held.
+        ``previous``: an owner known gone (this process's image before a fence)."""
         import psycopg2
 
+        self._url = url
         try:
             conn = SlotConnection(self._url, self.app)
         except psycopg2.OperationalError as exc:
@@ -285,7 +302,7 @@ class ExecutorSlots:
         try:
             conn.rows(_CREATE)
             leases = {lease.slot: lease for lease in self.leases(conn)}
-            dead = self.dead_owners(leases.values())
+            dead = self.dead_owners(leases.values()) + ([previous] if previous else [])
             order = list(range(self.max_slots))
             if prefer is not None and 0 <= prefer < self.max_slots:
                 order.remove(prefer)
@@ -308,15 +325,15 @@ class ExecutorSlots:
     def dead_owners(self, leases: Any) -> list[str]:
         """Owners of live-looking leases known dead without waiting for expiry: same
         boot and pid namespace as this process, and their pid is gone or another
-        process now, or is this very process (a previous image, before a re-exec)."""
-        space, me = pid_space(), os.getpid()
-        dead = []
-        for lease in leases:
-            if lease.owner == self.owner or lease.pid_space != space:
-                continue
-            if lease.pid == me or start_ticks(lease.pid) != lease.pid_start:
-                dead.append(lease.owner)
-        return dead
+        process now (a crashed or fenced worker, a process killed and restarted)."""
+        space = pid_space()
+        return [
+            lease.owner
+            for lease in leases
+            if lease.owner != self.owner
+            and lease.pid_space == space
+            and start_ticks(lease.pid) != lease.pid_start
+        ]
 
     def _take(self, conn: SlotConnection, slot: int, dead: list[str]) -> bool:
         """The conditional upsert: True when this process now holds ``slot``."""
@@ -405,14 +422,15 @@ class ExecutorSlots:
             conn.close()
 
     def orphans(self, conn: SlotConnection, version: str) -> dict[int, int]:
-        """slot -> PENDING workflows of this version, for slots no live process holds
-        (lease expired, owner known dead, or no row at all)."""
+        """slot -> PENDING workflows of this version, for slots whose lease has expired
+        (or that never had one). A live lease is never adopted, even one whose owner
+        is known dead: its own replacement (a restarted worker) claims it and
+        recovers its work at launch, without racing an adopter for the slot."""
         leases = {lease.slot: lease for lease in self.leases(conn)}
-        dead = set(self.dead_owners(leases.values()))
         free = [
             s
             for s in range(self.max_slots)
-            if s != self.slot and (s not in leases or leases[s].expired or leases[s].owner in dead)
+            if s != self.slot and (s not in leases or leases[s].expired)
         ]
         ids = {self.executor_id(s): s for s in free}
         params = {"app": self.name, "version": version, "ids": list(ids)}
@@ -426,11 +444,9 @@ class ExecutorSlots:
         orphans = self.orphans(conn, version)
         if not orphans:
             return 0
-        leases = {lease.slot: lease for lease in self.leases(conn)}
-        dead = self.dead_owners(leases.values())
         adopted = 0
         for slot in sorted(orphans):
-            if self._stop_adopting.is_set() or not self._take(conn, slot, dead):
+            if self._stop_adopting.is_set() or not self._take(conn, slot, []):
                 continue  # claimed meanwhile: its new owner recovers its work
             orphan = self.executor_id(slot)
             try:
@@ -467,7 +483,7 @@ class ExecutorSlots:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-        if self.slot is None or database_kind(self._url) != "postgres":
+        if not self._url or database_kind(self._url) != "postgres":
             return
         try:
             conn = SlotConnection(self._url, self.app)

@@ -50,8 +50,8 @@ Figures (per scenario)
     process restarts             no process claimed an executor slot again, the server
                                  still runs (and, one process, has the same pid).
     DB back -> health 200, DB back -> fan-out finished   info, seconds.
-    executor slot lock held      the app's own promise: its executor-slot advisory lock
-                                 lives as long as the process (fastapi_scope_shutdown.py).
+    executor slot lock held      the app's own promise: its executor-slot lease is held
+                                 again once the database is back (lab/slots.py).
     DBOS warnings while down     info: log lines per second of outage.
     password in answers or log   0.
     Per service, after its scenarios: the executor id a second process started on the
@@ -70,12 +70,14 @@ What DBOS 3.4 does (``dbos/_sys_db.py`` ``db_retry``, ``_queue.py``, ``_schedule
     dead connections; the notification listener reconnects.
 
 What the app had to learn
-    Its executor-slot lock is a session-level advisory lock on one psycopg2 connection.
-    A restart ends that session and the lock with it. Before the app's watchdog
-    (``keep_slot``) took the lock again, a process started afterwards claimed
-    ``shutdown-0`` although the first process still ran as ``shutdown-0`` (and would
-    have recovered its PENDING workflows at launch): the figure "executor slot lock held
-    after DB back" and ``test_a_database_restart_keeps_the_executor_slot_taken`` found it.
+    Its executor slot was once a session-level advisory lock on one psycopg2 connection:
+    a restart ended that session and the lock with it, and a process started afterwards
+    claimed ``shutdown-0`` although the first process still ran as ``shutdown-0`` (the
+    figure "executor slot lock held after DB back" and
+    ``test_a_database_restart_keeps_the_executor_slot_taken`` found it). It is now a
+    lease row renewed every second (lab/slots.py); a server restart shorter than the
+    fence time leaves it held, and a longer outage fences the process, which takes
+    its own slot back once the server answers.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ from harness.db import admin, query
 from harness.fanout import children, demo_server, fan_out_result, ledger_runs
 from harness.proc import until as _until
 from harness.server import AppServer
+from lab import slots
 from lab.config import app_name
 from reliability.core import Context, Figure, info, progress, promise
 
@@ -112,8 +115,6 @@ LONG_OUTAGE_SECONDS = 30
 PROBE_TIMEOUT = 10.0  # "answered, not hung"; /healthz itself gives up after 3 s
 PROBE_INTERVAL = 0.5
 RECOVERY_TIMEOUT = 180.0  # db_retry's backoff is capped at 60 s (90 s with jitter)
-# application_name of the connection holding fastapi_scope_shutdown's executor-slot lock.
-SLOT_CONNECTION = f"{app_name(shutdown_app.APP)}-slot"  # lab/slots.py
 # fastapi_scope_shutdown's schedule (CRON "*/5 * * * * *"): the app names no seconds
 # constant, so this one is the suite's own reading of its cron line.
 SCHEDULE_SECONDS = 5
@@ -289,13 +290,11 @@ def unfinished_workflows(db_url: str, before_ms: int) -> list[str]:
 
 
 def slot_locks(db_url: str) -> int:
-    """Executor-slot locks held: advisory locks of the app's slot connection (DBOS takes
-    advisory locks of its own, on other connections)."""
+    """Executor slots held: the app's live leases (lab/slots.py), by the database's clock."""
     rows = query(
         db_url,
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = %s",
-        SLOT_CONNECTION,
+        f"SELECT count(*) FROM {slots.TABLE} WHERE app = %s AND expires_at > clock_timestamp()",
+        app_name(shutdown_app.APP),
     )
     return int(rows[0][0])
 

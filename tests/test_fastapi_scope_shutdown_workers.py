@@ -111,8 +111,10 @@ def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
         )
     }
 
-    # One process now, as the Docker image runs it: it claims slot 0 and recovers that
-    # executor's workflows at launch; 5 s later it adopts slot 1, which nobody claimed.
+    # One process now, as the Docker image runs it: it claims slot 0 at once (its lease
+    # is still live, but its owner's pid is gone on this machine) and recovers that
+    # executor's workflows at launch; it adopts slot 1 once that lease has expired
+    # (LEASE_SEC after the dead worker's last renewal): nobody claimed it.
     with app_server(tmp_path, pg_url, "second") as again:
         view = api(again).wait_success(workflow_id, timeout=90)
     adopted = {
@@ -168,7 +170,8 @@ def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_k
         assert {r["pid"] for r in runs} <= set(workers.values())
 
         # Kill the worker with the most running steps; uvicorn starts a new one, which
-        # claims the freed slot (same executor id) and so recovers exactly that work.
+        # claims the dead worker's slot (same executor id: its owner's pid is gone) and
+        # so recovers exactly that work.
         steps, max_n = 120, 26
         second = api(server).trigger(steps, max_n)
         running = wait_for(

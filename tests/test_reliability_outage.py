@@ -134,8 +134,9 @@ def test_a_database_restart_keeps_the_executor_slot_taken(ctx: Context) -> None:
             lambda: service.server.client.get("/healthz", timeout=10).status_code == 200, 60
         )
         require(healthy, "/healthz 200 after the restart")
-        # The app's watchdog checks its lock's session every second and takes the lock
-        # again once the server is back.
+        # The lease is renewed every second on a connection of its own, which reconnects
+        # once the server is back; the lease stays live (a fast restart is shorter than
+        # the fence time).
         locks = outage.until(lambda: outage.slot_locks(service.db_url) == 1, 15) and 1
         try:
             second = outage.second_process_executor(service)
