@@ -80,6 +80,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from harness.db import query
 from harness.fanout import children, fan_out_result, ledger_runs
 from harness.proc import wait_for
@@ -221,13 +223,17 @@ def run_case(case: str, group: Replicas) -> CaseResult:
     """One trial of ``case`` on running replicas (a dead member is replaced first: the
     cases run one after the other on the same database)."""
     r = CaseResult(case)
-    group.ready()
+    try:
+        group.ready()
+    except AssertionError as exc:
+        r.error = f"replicas not ready: {exc}"[:300]
+        return r
     since = time.monotonic()
     health = HealthLog(group.members).start()
     try:
         _run(case, group, health, r)
-    except AssertionError as exc:  # a missed deadline is a finding, not a crash
-        r.error = str(exc)[:300]
+    except (AssertionError, httpx.HTTPError) as exc:  # a finding, not a crash
+        r.error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         health.stop()
     r.double_served_sec = round(health.double_served_seconds(), 3)
@@ -456,8 +462,11 @@ def run_trial(ctx: Context, i: int, cases: tuple[str, ...], busy: tuple[str, ...
             progress(f"replicas trial {i + 1}: {busy_results[-1]}")
     if "worker crash" in cases:
         url, scratch = ctx.fresh_db(f"replicas_w_{i}"), ctx.scratch(f"replicas-w-{i}")
-        with replicas(url, scratch, workers=WORKERS) as group:
-            results.append(_report(i, run_case("worker crash", group)))
+        try:
+            with replicas(url, scratch, workers=WORKERS) as group:
+                results.append(_report(i, run_case("worker crash", group)))
+        except AssertionError as exc:  # the replicas did not start: a finding
+            results.append(_report(i, CaseResult("worker crash", error=str(exc)[:300])))
     return results, busy_results
 
 
