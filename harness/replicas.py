@@ -319,7 +319,9 @@ class Replicas:
         """Every member serves: a dead one is replaced by a new replica of that name (a
         new process, a new proxy), then all must answer /healthz 200."""
         for i, member in enumerate(self.members):
-            if not member.server.running:
+            if member.server.running:
+                member.thaw()  # a case that failed may have left it frozen
+            else:
                 member.server.close()
                 member.proxy.close()
                 self.members[i] = self._spawn(member.name)

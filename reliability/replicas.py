@@ -84,7 +84,7 @@ import httpx
 
 from harness.db import query
 from harness.fanout import children, fan_out_result, ledger_runs
-from harness.proc import wait_for
+from harness.proc import until, wait_for
 from harness.replicas import (
     HealthLog,
     Replica,
@@ -134,6 +134,7 @@ class CaseResult:
     finished: bool = False
     result_ok: bool = False
     outputs_not_one: list[int] = field(default_factory=list)
+    outputs_twice: list[int] = field(default_factory=list)
     duplicate_rows: int = 0
     runs: Counter[int] = field(default_factory=Counter)
     lost: list[tuple[str, str]] = field(default_factory=list)
@@ -156,7 +157,9 @@ class CaseResult:
 
     @property
     def recorded_twice(self) -> int:
-        return len(self.outputs_not_one) + self.duplicate_rows
+        """Steps with more than one output, plus duplicate rows (a step with none is
+        counted among the lost: its workflow did not finish)."""
+        return len(self.outputs_twice) + self.duplicate_rows
 
 
 # --- what the database says ---------------------------------------------------------
@@ -180,14 +183,21 @@ def handed_over(db_url: str, executor_id: str, snapshot: dict[str, Any]) -> bool
     return not any(wf in now and now[wf] == started for wf, started in snapshot.items())
 
 
-def wait_takeover(db_url: str, executor_id: str, snapshot: dict[str, Any], t0: float) -> float:
-    wait_for(
+def wait_takeover(
+    db_url: str, executor_id: str, snapshot: dict[str, Any], t0: float, within: float = 0
+) -> float:
+    """Seconds from ``t0`` to the takeover; gives up ``TAKEOVER_DEADLINE`` after ``t0``,
+    or returns inf after ``within`` seconds (when given) without it."""
+    found = until(
         lambda: handed_over(db_url, executor_id, snapshot),
-        TAKEOVER_DEADLINE,
+        (within or TAKEOVER_DEADLINE) - (time.monotonic() - t0),
         POLL_SEC,
-        f"the work of {executor_id} to be taken over",
     )
-    return time.monotonic() - t0
+    if found:
+        return time.monotonic() - t0
+    if within:
+        return float("inf")
+    raise AssertionError(f"the work of {executor_id} was not taken over in {TAKEOVER_DEADLINE} s")
 
 
 def wait_busy(db_url: str, workflow_id: str, executor_id: str) -> None:
@@ -295,14 +305,21 @@ def _run(case: str, group: Replicas, health: HealthLog, r: CaseResult) -> None:
     r.in_flight = {i for c in (before, after) for i, s in c.items() if s["status"] == "PENDING"}
     if case == "cut from all":
         _cut_from_all(group, health, r, t0)
-    else:
-        r.takeover_sec = round(wait_takeover(group.db_url, r.owner, snapshot, t0), 3)
-    if case in ("partition", "freeze"):
-        if case == "freeze":
+    elif case == "freeze":
+        # The freeze lasts FREEZE_SEC whether or not the takeover has come by then.
+        try:
+            takeover = wait_takeover(group.db_url, r.owner, snapshot, t0, FREEZE_SEC)
+        finally:
             time.sleep(max(0.0, FREEZE_SEC - (time.monotonic() - t0)))  # the fault's length
             a.thaw()
-        else:
-            a.proxy.heal()
+        if takeover == float("inf"):  # not while frozen: wait on (a finding)
+            takeover = wait_takeover(group.db_url, r.owner, snapshot, t0)
+        r.takeover_sec = round(takeover, 3)
+    else:
+        r.takeover_sec = round(wait_takeover(group.db_url, r.owner, snapshot, t0), 3)
+    if case == "partition":
+        a.proxy.heal()
+    if case in ("partition", "freeze"):
         _rejoin(a, group.db_url, health, r, t0, old_owner)
     wait_for(
         lambda: not unfinished(group.db_url, r.workflow_id),
@@ -382,6 +399,7 @@ def _collect(db_url: str, ledger: Path, r: CaseResult) -> None:
         return
     steps = children(db_url, r.workflow_id)
     r.outputs_not_one = sorted(i for i in range(STEPS) if steps.get(i, {}).get("outputs") != 1)
+    r.outputs_twice = sorted(i for i, c in steps.items() if c["outputs"] > 1)
     r.duplicate_rows = duplicate_outputs(db_url)
     r.runs = ledger_runs(ledger, r.workflow_id)
     r.lost = unfinished(db_url, r.workflow_id)
