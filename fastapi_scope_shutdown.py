@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from dbos import DBOS, SetWorkflowID
-from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query
+from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from lab import config, logs, page, pool, signals
@@ -63,6 +63,11 @@ DEFAULT_MAX_N, MAX_MAX_N = 30, 32
 GRACE_SECONDS = 5
 # uvicorn's wait for open connections on a graceful stop.
 UVICORN_GRACEFUL_SEC = 5
+# uvicorn's supervisor kills a worker that does not answer its ping within this long.
+# A worker answers only once it has imported the app (seconds of CPU, many more on a
+# loaded machine): at uvicorn's default, 5 s, workers on a busy 2-core machine were
+# killed before they could answer, in a loop. A hung worker is replaced this much later.
+WORKER_HEALTHCHECK_SEC = 30
 MAX_SLOTS = 32
 # Executor-slot leases (lab/slots.py), timed on the database's clock. A process renews
 # its lease every RENEW_EVERY_SEC; one that could not confirm it for FENCE_SEC stops
@@ -98,6 +103,11 @@ slots = ExecutorSlots(
     logger=log,
 )
 health: HealthCheck | None = None  # made at startup, once the URL is known
+serving = False  # DBOS runs as this process's executor (its slot claimed)
+# How long a stop waits for a claim in progress to give up (one attempt's bound).
+CLAIM_STOP_SEC = 5
+# Answered while a re-executed process waits for a slot: its docs, and /healthz's 503.
+OPEN_WHILE_REJOINING = ("/healthz", "/openapi.json", "/docs", "/redoc")
 
 
 # --- the work ---------------------------------------------------------------
@@ -157,22 +167,17 @@ def every_five_seconds(scheduled_time: datetime, context: Any) -> None:
 # --- the service --------------------------------------------------------------
 
 
-@asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    global health
-    logs.setup_logging(APP)
-    cfg = config.config_or_exit(APP)
+async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
+    """Claim a slot, start the pool and DBOS, register the queue and the schedule."""
+    global serving
     url = cfg["system_database_url"]
     # A process fenced and re-executed, or a uvicorn worker (perhaps the replacement
     # of a fenced one), waits for the database and a free slot; a first start of a
     # lone process fails at once with one line instead.
-    rejoin = os.environ.pop(REJOIN_ENV, None)
     waiting = rejoin is not None or signals.master_pid() is not None
     # The sync DBOS APIs refuse to run on the event loop: these run on threads.
     if not waiting:
         await asyncio.to_thread(check_reachable, url)
-    if rejoin is not None:
-        signals.reap_children(timeout=5)  # the fenced image's pool, ending
     slot = await asyncio.to_thread(slots.claim, url, wait=waiting, rejoin=rejoin)
     cfg["executor_id"] = slots.executor_id(slot)
     log.info(
@@ -202,9 +207,33 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         [{"schedule_name": SCHEDULE, "workflow_fn": every_five_seconds, "schedule": CRON}]
     )
     slots.start_adopting()
-    health = HealthCheck(url, APP)
+    serving = True
     log.info("serving", extra={"database": config.redacted(url), "executor_id": DBOS.executor_id})
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    global health
+    logs.setup_logging(APP)
+    cfg = config.config_or_exit(APP)
+    health = HealthCheck(cfg["system_database_url"], APP)
+    rejoin = os.environ.pop(REJOIN_ENV, None)
+    starting = None
+    if rejoin is None:
+        await start_serving(cfg, None)
+    else:
+        # Re-executed after a fence: listen at once (/healthz answers 503, the rest
+        # too) while waiting, however long, for the database and a slot.
+        signals.reap_children(timeout=5)  # the fenced image's pool, ending
+        starting = asyncio.ensure_future(start_serving(cfg, rejoin))
     yield
+    if starting is not None:
+        slots.stop_claiming()
+        await asyncio.wait([starting], timeout=CLAIM_STOP_SEC)
+        if starting.done() and not starting.cancelled() and starting.exception():
+            log.warning("stopped before serving again", extra={"reason": str(starting.exception())})
+    if not serving:
+        return  # stopped while rejoining: nothing of DBOS runs yet
     slots.stop_adopting()
     log.info("stopping DBOS", extra={"grace_seconds": GRACE_SECONDS})
     # Synchronous on purpose: the server has stopped serving, and DBOS.destroy shuts
@@ -220,6 +249,19 @@ app = FastAPI(
     "crash shutdown, recovery, several workers.",
     lifespan=lifespan,
 )
+
+
+@app.middleware("http")
+async def rejoining(request: Request, call_next: Any) -> Any:
+    """While a fenced process waits to claim a slot anew, DBOS does not run here."""
+    if serving or request.url.path in OPEN_WHILE_REJOINING:
+        return await call_next(request)
+    return JSONResponse(
+        {"detail": "fenced: waiting for the database to claim an executor slot anew"},
+        status_code=503,
+    )
+
+
 # GET /: a live page of the fan-outs and the schedule (and the JSON it reads).
 app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX_STEPS))
 
@@ -280,6 +322,10 @@ async def healthz() -> Any:
     """200 when the system database answers (DBOS has launched: the lifespan finished),
     503 with the reason when it does not answer within lab.health.TIMEOUT_SEC."""
     assert health is not None  # uvicorn serves only after the lifespan's startup
+    if not serving:
+        body = {"status": "unavailable", "executor_id": None, "database": health.kind}
+        reason = "fenced: waiting for the database to claim an executor slot anew"
+        return JSONResponse({**body, "pid": os.getpid(), "reason": reason}, status_code=503)
     code, body = await health.answer(executor_id=DBOS.executor_id)
     return body if code == 200 else JSONResponse(body, status_code=code)
 
@@ -344,6 +390,7 @@ def main() -> None:
         workers=None if workers == 1 else workers,
         log_config=None,
         timeout_graceful_shutdown=UVICORN_GRACEFUL_SEC,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SEC,
     )
 
 

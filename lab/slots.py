@@ -184,6 +184,10 @@ class SlotConnection:
             pass
 
 
+class ClaimStopped(Exception):
+    """``stop_claiming`` was called while ``claim`` waited for a slot."""
+
+
 class ExecutorSlots:
     """The slot protocol of one app: ``claim`` at startup (the lease is kept from then
     on), ``start_adopting`` once DBOS runs, ``release`` after ``DBOS.destroy``."""
@@ -219,6 +223,7 @@ class ExecutorSlots:
         self._last_ok_sent = 0.0  # monotonic time the last successful renewal was sent
         self._stop = threading.Event()  # keeper and fence timer
         self._stop_adopting = threading.Event()
+        self._stop_claim = threading.Event()  # a stop while waiting to claim
         self._stopping = False  # a graceful stop has begun: a fence exits, no rejoin
         self._fenced = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -258,6 +263,8 @@ class ExecutorSlots:
                 break
             if not wait:
                 fail(problem)
+            if self._stop_claim.is_set():
+                raise ClaimStopped(problem)
             if not waited:
                 self.log.warning("waiting to claim an executor slot", extra={"reason": problem})
                 waited = True
@@ -463,6 +470,11 @@ class ExecutorSlots:
         return adopted
 
     # --- stopping ---------------------------------------------------------------
+
+    def stop_claiming(self) -> None:
+        """A stop while ``claim(wait=True)`` waits: it gives up (``ClaimStopped``)."""
+        self._stopping = True
+        self._stop_claim.set()
 
     def stop_adopting(self) -> None:
         """A graceful stop begins: adopt nothing more (wait for an adoption in progress)."""
