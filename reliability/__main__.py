@@ -37,6 +37,7 @@ AREAS = [
     ("schedule", "reliability.schedule"),
     ("hostile", "reliability.hostile"),
     ("load", "reliability.load"),
+    ("replicas", "reliability.replicas"),
     ("secrets", "reliability.secrets"),
 ]
 DEFAULT_OUT = REPO / "reliability" / "results.json"
