@@ -86,6 +86,12 @@ FENCE_SEC = 4.0
 LEASE_SEC = 6.0
 # How often every process looks for expired slots with PENDING work to adopt.
 ADOPT_EVERY_SEC = 1.0
+# Postgres ends a session left idle inside an open transaction after this long
+# (DBOS's idle_in_transaction_session_timeout; its default is 60 s). A replica cut off
+# or frozen mid-transaction keeps that transaction's row locks, and the adopter's
+# re-enqueue would wait for them: they must be gone before the lease expires, at most
+# LEASE_SEC - RENEW_EVERY_SEC after the cut. DBOS's own transactions last milliseconds.
+IDLE_TRANSACTION_SEC = 3.0
 
 
 def fence(slot: int, stopping: bool) -> None:
@@ -180,6 +186,7 @@ async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
         await asyncio.to_thread(check_reachable, url)
     slot = await asyncio.to_thread(slots.claim, url, wait=waiting, rejoin=rejoin)
     cfg["executor_id"] = slots.executor_id(slot)
+    cfg["sys_db_idle_transaction_timeout_sec"] = IDLE_TRANSACTION_SEC
     log.info(
         "executor slot claimed",
         extra={
@@ -424,6 +431,10 @@ async def healthz() -> Any:
         reason = "fenced: waiting for the database to claim an executor slot anew"
         return JSONResponse({**body, "pid": os.getpid(), "reason": reason}, status_code=503)
     code, body = await health.answer(executor_id=DBOS.executor_id)
+    # A process that just woke from a freeze answers as its executor only once its
+    # lease is confirmed again (or its fence timer ends it, within FENCE_CHECK_SEC).
+    if code == 200 and slots.unconfirmed_sec() > FENCE_SEC:
+        code, body = 503, {**body, "status": "unavailable", "reason": "lease not confirmed"}
     return body if code == 200 else JSONResponse(body, status_code=code)
 
 

@@ -388,6 +388,13 @@ class ExecutorSlots:
                 self.fence(f"no lease renewal confirmed for {self.fence_sec} s")
                 return
 
+    def unconfirmed_sec(self) -> float:
+        """Seconds since the last lease renewal that succeeded was sent (0 on SQLite,
+        where there is no lease)."""
+        if self._lock_file is not None:
+            return 0.0
+        return time.monotonic() - self._last_ok_sent
+
     def fence(self, reason: str) -> None:
         """Stop acting as this executor: log one line and end the process image."""
         if not self._fenced.acquire(blocking=False) or self.slot is None:
