@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import env, pgcluster
+import harness.docker as hd
+from harness import REPO, env, pgcluster
 from harness.db import ScratchDatabases, assert_no_secret_in_databases
 from lab.config import ConfigError, check_sqlite_version
 from reliability.core import Context
@@ -115,3 +116,19 @@ def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
         assert_no_secret_in_databases(*ctx.databases())
     finally:
         ctx.close()
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The project's image, built once per session from its Dockerfile as it is, on a
+    real engine (CI must have one; elsewhere the container tests skip with the reason).
+    Containers the session started are removed afterwards."""
+    problem = hd.engine_problem()
+    if problem:
+        if _in_ci():
+            pytest.fail(f"CI runs the container tests on a real engine: {problem}")
+        pytest.skip(problem)
+    tag = hd.image_tag()
+    hd.build_image(tag, REPO, tmp_path_factory.mktemp("docker-build") / "build.txt")
+    yield tag
+    hd.remove_session_containers()

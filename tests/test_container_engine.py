@@ -57,16 +57,6 @@ def need(problem: str | None) -> None:
         pytest.skip(problem)
 
 
-@pytest.fixture(scope="session")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The project's image, built once per session from the Dockerfile as it is."""
-    need(hd.engine_problem())
-    tag = hd.image_tag()
-    hd.build_image(tag, REPO, tmp_path_factory.mktemp("docker-build") / "build.txt")
-    yield tag
-    hd.remove_session_containers()
-
-
 @pytest.fixture
 def token() -> str:
     value = secrets.token_hex(16)

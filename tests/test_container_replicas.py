@@ -25,7 +25,6 @@ import httpx
 import pytest
 
 import harness.docker as hd
-from harness import REPO
 from harness.apps import shutdown_app
 from harness.fanout import children, fan_out_result, ledger_runs
 from harness.proc import free_port, parse_json_lines, wait_for
@@ -37,19 +36,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 # 60 steps, the last 30 fib(30): the fan-out still runs when the fault comes.
 STEPS, MAX_N = 60, 30
 DEADLINE = 180  # safety bound of every wait; the figures are measured, not asserted
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    problem = hd.engine_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs the container tests on a real engine: {problem}")
-        pytest.skip(problem)
-    tag = hd.image_tag()
-    hd.build_image(tag, REPO, tmp_path_factory.mktemp("docker-build") / "build.txt")
-    yield tag
-    hd.remove_session_containers()
 
 
 @pytest.fixture

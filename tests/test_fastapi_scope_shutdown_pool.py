@@ -452,18 +452,6 @@ def test_a_pool_process_imports_only_what_fib_needs(
     assert {r["pid"] for r in reports} <= set(pool_pids_of(tree))
 
 
-@pytest.fixture
-def image(tmp_path: Path) -> str:
-    problem = hd.engine_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs the container tests on a real engine: {problem}")
-        pytest.skip(problem)
-    tag = hd.image_tag()
-    hd.build_image(tag, log=tmp_path / "build.txt")
-    return tag
-
-
 @pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
 def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
     pg_url: str, image: str, tmp_path: Path

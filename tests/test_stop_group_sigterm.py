@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import httpx
 import pytest
 
 import harness.docker as hd
-from harness import REPO
 from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
@@ -144,21 +142,6 @@ def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
 
 
 # --- the image: docker stop ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The project's image, from its Dockerfile as it is (tests/test_container_engine.py
-    builds the same tag: the second build of a session is all cached layers)."""
-    problem = hd.engine_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs the container tests on a real engine: {problem}")
-        pytest.skip(problem)
-    tag = hd.image_tag()
-    hd.build_image(tag, REPO, tmp_path_factory.mktemp("docker-build") / "build.txt")
-    yield tag
-    hd.remove_session_containers()
 
 
 @pytest.mark.timeout(900)
