@@ -16,7 +16,8 @@ What it measures
                           told about is in the WAL.
     outage 8 s            stopped for OUTAGE_SECONDS, more than one schedule slot and
                           more than FENCE_SEC: the process fences and re-takes its slot.
-    outage 30 s           longer: DBOS's retry backoff grows with the outage.
+    outage 30 s           longer: the fenced process waits for the database however long
+                          (a claim attempt every REJOIN_RETRY_SEC), not DBOS's backoff.
     outage 8 s, 2 workers ``WORKERS=2 python fastapi_scope_shutdown.py``.
 
     Single-process scenarios use ``uvicorn fastapi_scope_shutdown:app`` (the Docker
@@ -303,6 +304,12 @@ class ScenarioResult:
         return longest
 
     @property
+    def refused_at_end(self) -> bool:
+        """The last probe while down was refused: the window went on past the start."""
+        last = max(self.probes, key=lambda p: p.at, default=None)
+        return last is not None and any(last is p for p in self.refused)
+
+    @property
     def health_reported_outage(self) -> bool:
         """Every /healthz answer while down was 503 with a reason (never 200): the
         database is unreachable, or the fenced process waits to claim its slot anew."""
@@ -571,13 +578,64 @@ def fan_out_view(service: Service, workflow_id: str) -> dict[str, Any] | None:
     return service.api.workflow(workflow_id, timeout=30)
 
 
+@dataclass
+class Window:
+    """When the database went down and came back: wall clock and monotonic."""
+
+    down_wall: datetime
+    t_down: float
+    t_start: float = 0.0  # the start command (pg_ctl start) was given
+    t_up: float = 0.0  # it returned
+    up_wall: datetime | None = None
+    up_ms: int = 0  # epoch ms
+
+
 def run_scenario(
     service: Service, scenario: Scenario, steps: int = STEPS, max_n: int = MAX_N
 ) -> ScenarioResult:
     """Take the database away mid fan-out, bring it back, and record what happened."""
-    server, db_url = service.server, service.db_url
-    client = server.client
     progress(f"outage: {scenario.label}")
+    result, snapshot, recorded = fan_out_in_flight(service, scenario, steps, max_n)
+    first_log_line = len(service.server.log_text().splitlines())
+
+    window = Window(datetime.now(UTC), time.monotonic())
+    result.down_wall = window.down_wall
+    take_down(service.cluster, scenario.mode)
+    # Nothing can start a body while the database is down: a step reads its recorded
+    # output first. So these are the bodies that may legitimately run twice.
+    result.in_flight = set(ledger_runs(service.ledger_path, result.workflow_id)) - recorded
+    asked = StatusAsk()
+    if scenario.down_seconds:  # a restart is too short to ask anything
+        asked = ask_status(service.server.client, result.workflow_id, window.t_down)
+    probe_while_down(service.server.client, result, window.t_down)
+    # pg_ctl returns once the server accepts connections; DBOS may reconnect before that,
+    # so "after the start" is measured from the start command.
+    window.t_start = time.monotonic()
+    bring_back(service.cluster)
+    window.up_wall = datetime.now(UTC)
+    window.up_ms = int(time.time() * 1000)
+    window.t_up = time.monotonic()
+    result.down_for = window.t_up - window.t_down
+
+    observe_recovery(service, result, window, asked)
+    read_schedule(result, service.server, window)
+    read_records(service, result, snapshot, window)
+    read_log(result, service.server.records()[first_log_line:], window)
+    find_leaks(service, result)
+    progress(
+        f"outage: {scenario.label}: down {result.down_for:.1f} s, "
+        f"done {result.done_after if result.done_after is None else round(result.done_after, 1)} "
+        f"s after, schedule after {len(result.schedule_after)}"
+    )
+    return result
+
+
+def fan_out_in_flight(
+    service: Service, scenario: Scenario, steps: int, max_n: int
+) -> tuple[ScenarioResult, dict[tuple[Any, ...], tuple[Any, ...]], set[int]]:
+    """Trigger a fan-out and wait until a big step runs; then the result to fill in,
+    a snapshot of everything recorded, and the steps of this fan-out recorded."""
+    db_url = service.db_url
     pid_before = service.api.healthz(timeout=30).json()["pid"]
     workflow_id = trigger(service, steps, max_n)
     result = ScenarioResult(scenario, workflow_id, expected=expected_result(steps, max_n))
@@ -601,106 +659,125 @@ def run_scenario(
         for key in snapshot
         if key[0] == "step" and key[1].startswith(workflow_id + "-")
     }
-    first_log_line = len(server.log_text().splitlines())
+    return result, snapshot, recorded
 
-    down_wall = result.down_wall = datetime.now(UTC)
-    t_down = time.monotonic()
-    take_down(service.cluster, scenario.mode)
-    # Nothing can start a body while the database is down: a step reads its recorded
-    # output first. So these are the bodies that may legitimately run twice.
-    result.in_flight = set(ledger_runs(service.ledger_path, workflow_id)) - recorded
 
-    status_probe: list[Probe] = []
-    answered_at: list[float] = []
+@dataclass
+class StatusAsk:
+    """One ``GET /workflows/{id}`` sent while the database is down, on a thread."""
 
-    def ask_status() -> None:
-        status_probe.append(
+    thread: threading.Thread | None = None
+    probes: list[Probe] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # monotonic; not if dropped
+
+
+def ask_status(client: httpx.Client, workflow_id: str, t_down: float) -> StatusAsk:
+    asked = StatusAsk()
+
+    def ask() -> None:
+        asked.probes.append(
             probe(client, f"/workflows/{workflow_id}", t_down, RECOVERY_TIMEOUT + 60)
         )
-        answered_at.append(time.monotonic())
+        if asked.probes[0].status is not None:  # not dropped with a fenced image
+            asked.answered_at.append(time.monotonic())
 
-    asker = None
-    if scenario.down_seconds:
-        asker = threading.Thread(target=ask_status, daemon=True)
-        asker.start()
+    asked.thread = threading.Thread(target=ask, daemon=True)
+    asked.thread.start()
+    return asked
+
+
+def probe_while_down(client: httpx.Client, result: ScenarioResult, t_down: float) -> None:
+    """/healthz and /openapi.json every PROBE_INTERVAL for the scenario's time (once
+    for a restart)."""
     while True:
         for path in ("/healthz", "/openapi.json"):
             result.probes.append(probe(client, path, t_down))
-        if time.monotonic() - t_down >= scenario.down_seconds:
+        if time.monotonic() - t_down >= result.scenario.down_seconds:
             break
         time.sleep(PROBE_INTERVAL)
-    # pg_ctl returns once the server accepts connections; DBOS may reconnect before that,
-    # so "after the start" is measured from the start command.
-    t_start = time.monotonic()
-    bring_back(service.cluster)
-    up_wall = datetime.now(UTC)
-    up_ms = int(time.time() * 1000)
-    t_up = time.monotonic()
-    result.down_for = t_up - t_down
 
-    healthy = until(lambda: probe(client, "/healthz", t_down).status == 200, 120)
-    result.health_back_after = time.monotonic() - t_up if healthy else None
+
+def observe_recovery(
+    service: Service, result: ScenarioResult, window: Window, asked: StatusAsk
+) -> None:
+    """Health back, the fan-out finished, the status request answered."""
+    client = service.server.client
+    healthy = until(lambda: probe(client, "/healthz", window.t_down).status == 200, 120)
+    result.health_back_after = time.monotonic() - window.t_up if healthy else None
     final = until(
         lambda: (
-            (view := fan_out_view(service, workflow_id)) and view["status"] == "SUCCESS" and view
+            (view := fan_out_view(service, result.workflow_id))
+            and view["status"] == "SUCCESS"
+            and view
         ),
         RECOVERY_TIMEOUT,
         0.3,
     )
-    result.done_after = time.monotonic() - t_up if final else None
-    result.final = final or fan_out_view_or_none(service, workflow_id)
-    if asker is not None:
-        asker.join(timeout=RECOVERY_TIMEOUT + 90)
-        result.status_probe = status_probe[0] if status_probe else None
-        if answered_at:
-            result.status_probe_after_up = answered_at[0] - t_start
+    result.done_after = time.monotonic() - window.t_up if final else None
+    result.final = final or fan_out_view_or_none(service, result.workflow_id)
+    if asked.thread is not None:
+        asked.thread.join(timeout=RECOVERY_TIMEOUT + 90)
+        result.status_probe = asked.probes[0] if asked.probes else None
+        if asked.answered_at:
+            result.status_probe_after_up = asked.answered_at[0] - window.t_start
 
-    # A slot scheduled after the start ran: the schedule resumed (5 s slots, plus the
-    # backoff a schedule thread blocked during the outage may still sleep).
+
+def read_schedule(result: ScenarioResult, server: AppServer, window: Window) -> None:
+    """A slot scheduled after the start ran: the schedule resumed (5 s slots, plus the
+    backoff a schedule thread blocked during the outage may still sleep)."""
+    up_wall = window.up_wall
+    assert up_wall is not None
+
     def slots_after() -> list[datetime]:
         return [s for s in scheduled_slots(server.records()) if s >= up_wall]
 
     until(slots_after, 90, 0.3)
     slots = scheduled_slots(server.records())
     result.schedule_after = [s.isoformat() for s in slots if s >= up_wall]
-    result.schedule_during = [s.isoformat() for s in slots if down_wall <= s < up_wall]
+    result.schedule_during = [s.isoformat() for s in slots if window.down_wall <= s < up_wall]
     skipped, twice = slot_gaps(slots)
     result.slots_skipped = [s.isoformat() for s in skipped]
     result.slots_twice = [s.isoformat() for s in twice]
 
+
+def read_records(
+    service: Service,
+    result: ScenarioResult,
+    snapshot: dict[tuple[Any, ...], tuple[Any, ...]],
+    window: Window,
+) -> None:
+    """The database and the ledger afterwards; the live leases and who serves."""
+    db_url, client = service.db_url, service.server.client
     # Every workflow that existed when the database came back finishes (the schedule's
     # late slots included); a short wait for the ones still running.
-    until(lambda: not unfinished_workflows(db_url, up_ms), 60, 0.5)
-    result.unfinished = unfinished_workflows(db_url, up_ms)
-    result.outputs = step_outputs(db_url, workflow_id)
-    result.ledger = ledger_runs(service.ledger_path, workflow_id)
+    until(lambda: not unfinished_workflows(db_url, window.up_ms), 60, 0.5)
+    result.unfinished = unfinished_workflows(db_url, window.up_ms)
+    result.outputs = step_outputs(db_url, result.workflow_id)
+    result.ledger = ledger_runs(service.ledger_path, result.workflow_id)
     after = recorded_rows(db_url)
     result.snapshot_rows = len(snapshot)
     result.lost = [repr(k) for k, v in snapshot.items() if after.get(k) != v]
     result.holders_after = slot_holders(db_url)
     result.slot_locks_after = len(result.holders_after)
-    health = until(lambda: (p := probe(client, "/healthz", t_down)).status == 200 and p, 30)
+    health = until(lambda: (p := probe(client, "/healthz", window.t_down)).status == 200 and p, 30)
     result.pid_after = health.body["pid"] if health else None
-    result.alive = server.proc is not None and server.proc.poll() is None
-    read_log(result, server.records()[first_log_line:], down_wall, up_wall)
+    proc = service.server.proc
+    result.alive = proc is not None and proc.poll() is None
+
+
+def find_leaks(service: Service, result: ScenarioResult) -> None:
     answers = [repr(p.body) for p in result.probes]
     if result.status_probe is not None:
         answers.append(repr(result.status_probe.body))
     result.leaks = [f"answer {i}" for i, a in enumerate(answers) if service.password in a]
-    if service.password in server.log_text():
+    if service.password in service.server.log_text():
         result.leaks.append("server log")
-    progress(
-        f"outage: {scenario.label}: down {result.down_for:.1f} s, "
-        f"done {result.done_after if result.done_after is None else round(result.done_after, 1)} "
-        f"s after, schedule after {len(result.schedule_after)}"
-    )
-    return result
 
 
-def read_log(
-    result: ScenarioResult, records: list[dict[str, Any]], down_wall: datetime, up_wall: datetime
-) -> None:
+def read_log(result: ScenarioResult, records: list[dict[str, Any]], window: Window) -> None:
     """Fences, slot claims (re-takes) and warnings among the log lines of the scenario."""
+    down_wall, up_wall = window.down_wall, window.up_wall
+    assert up_wall is not None
 
     def line(r: dict[str, Any]) -> tuple[str, int, float]:
         return (r["executor_id"], int(r["pid"]), (when(r) - down_wall).total_seconds())
@@ -762,7 +839,8 @@ def probe_figures(r: ScenarioResult) -> list[Figure]:
                 AREA,
                 f"{label}: probes refused while re-executing",
                 len(r.refused),
-                f"longest window {r.longest_refusal:.1f} s (the app's import)",
+                f"longest window {r.longest_refusal:.1f} s (the new image starting)"
+                + (", still refused when the database was started" if r.refused_at_end else ""),
             )
         )
     if r.status_probe is not None:
@@ -821,7 +899,13 @@ def process_figures(r: ScenarioResult) -> list[Figure]:
 
 
 def scenario_figures(r: ScenarioResult) -> list[Figure]:
-    return probe_figures(r) + work_figures(r) + process_figures(r) + service_state_figures(r)
+    return (
+        probe_figures(r)
+        + work_figures(r)
+        + schedule_figures(r)
+        + process_figures(r)
+        + service_state_figures(r)
+    )
 
 
 def work_figures(r: ScenarioResult) -> list[Figure]:
@@ -867,6 +951,19 @@ def work_figures(r: ScenarioResult) -> list[Figure]:
         ),
         promise(
             AREA,
+            f"{label}: recorded rows lost or changed",
+            f"{len(r.lost)} of {r.snapshot_rows}",
+            not r.lost,
+            "0",
+        ),
+    ]
+
+
+def schedule_figures(r: ScenarioResult) -> list[Figure]:
+    label = r.scenario.label
+    return [
+        promise(
+            AREA,
             f"{label}: schedule slots after recovery",
             len(r.schedule_after),
             len(r.schedule_after) >= 1,
@@ -883,13 +980,6 @@ def work_figures(r: ScenarioResult) -> list[Figure]:
                 if r.fenced
                 else "missed slots are caught up one by one"
             ),
-        ),
-        promise(
-            AREA,
-            f"{label}: recorded rows lost or changed",
-            f"{len(r.lost)} of {r.snapshot_rows}",
-            not r.lost,
-            "0",
         ),
     ]
 
