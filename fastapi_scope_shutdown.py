@@ -228,14 +228,20 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     cfg = config.config_or_exit(APP)
     health = HealthCheck(cfg["system_database_url"], APP)
     rejoin = os.environ.pop(REJOIN_ENV, None)
-    starting = None
-    if rejoin is None:
-        await start_serving(cfg, None)
-    else:
-        # Re-executed after a fence: listen at once (/healthz answers 503, the rest
-        # too) while waiting, however long, for the database and a slot.
+    if rejoin is not None:
         signals.reap_children(timeout=5)  # the fenced image's pool, ending
-        starting = asyncio.ensure_future(start_serving(cfg, rejoin))
+    # Re-executed after a fence, or a uvicorn worker (the replacement of a fenced one,
+    # say) while the database does not answer: listen at once (/healthz answers 503,
+    # the rest too) while waiting, however long, for the database and a slot. A worker
+    # waiting inside the lifespan would leave the connections uvicorn's supervisor
+    # accepts for it unanswered.
+    waiting = rejoin is not None or (
+        signals.master_pid() is not None
+        and await asyncio.to_thread(health.check_database) is not None
+    )
+    starting = asyncio.ensure_future(start_serving(cfg, rejoin)) if waiting else None
+    if starting is None:
+        await start_serving(cfg, None)
     yield
     if starting is not None:
         slots.stop_claiming()
