@@ -267,13 +267,16 @@ app = FastAPI(
 )
 
 
+REJOINING = "fenced: waiting for the database to claim an executor slot anew"
+
+
 @app.middleware("http")
 async def rejoining(request: Request, call_next: Any) -> Any:
     """While a fenced process waits to claim a slot anew, DBOS does not run here."""
     if serving or request.url.path in OPEN_WHILE_REJOINING:
         return await call_next(request)
     return JSONResponse(
-        {"detail": "fenced: waiting for the database to claim an executor slot anew"},
+        {"detail": REJOINING},
         status_code=503,
     )
 
@@ -432,11 +435,10 @@ async def healthz() -> Any:
     """200 when the system database answers (DBOS has launched: the lifespan finished),
     503 with the reason when it does not answer within lab.health.TIMEOUT_SEC."""
     assert health is not None  # uvicorn serves only after the lifespan's startup
-    if not serving:
-        body = {"status": "unavailable", "executor_id": None, "database": health.kind}
-        reason = "fenced: waiting for the database to claim an executor slot anew"
-        return JSONResponse({**body, "pid": os.getpid(), "reason": reason}, status_code=503)
-    code, body = await health.answer(executor_id=DBOS.executor_id)
+    code, body = await health.answer(executor_id=DBOS.executor_id if serving else None)
+    if not serving:  # the database's own reason first: it is what the process waits for
+        body = {**body, "status": "unavailable", "reason": body.get("reason", REJOINING)}
+        return JSONResponse(body, status_code=503)
     # A process that just woke from a freeze answers as its executor only once its
     # lease is confirmed again (or its fence timer ends it, within FENCE_CHECK_SEC).
     if code == 200 and slots.unconfirmed_sec() > FENCE_SEC:
