@@ -435,8 +435,9 @@ async def healthz() -> Any:
     """200 when the system database answers (DBOS has launched: the lifespan finished),
     503 with the reason when it does not answer within lab.health.TIMEOUT_SEC."""
     assert health is not None  # uvicorn serves only after the lifespan's startup
-    code, body = await health.answer(executor_id=DBOS.executor_id if serving else None)
-    if not serving:  # the database's own reason first: it is what the process waits for
+    acting = serving  # read once: a rejoin may finish while the check awaits
+    code, body = await health.answer(executor_id=DBOS.executor_id if acting else None)
+    if not acting:  # the database's own reason first: it is what the process waits for
         body = {**body, "status": "unavailable", "reason": body.get("reason", REJOINING)}
         return JSONResponse(body, status_code=503)
     # A process that just woke from a freeze answers as its executor only once its
