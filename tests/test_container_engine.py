@@ -30,7 +30,7 @@ from harness import REPO, pgcluster
 from harness.db import query
 from harness.env import remember_secrets
 from harness.fanout import children, fan_out_result, ledger_runs
-from harness.proc import free_port, parse_json_lines
+from harness.proc import free_port, parse_json_lines, wait_for
 
 # Generous: the first test also builds the image (about a minute from scratch).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -451,6 +451,13 @@ def test_docker_stop_mid_fan_out_is_a_graceful_143_within_the_grace(
     assert "DBOS successfully shut down" in messages
 
 
+def answer_or_none(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=30)
+    except httpx.TransportError:  # refused while the server re-executes itself
+        return None
+
+
 def test_database_outage_turns_the_container_unhealthy_and_it_recovers(
     run: Run, tmp_path: Path
 ) -> None:
@@ -466,7 +473,9 @@ def test_database_outage_turns_the_container_unhealthy_and_it_recovers(
 
         cluster.stop("fast")
         container.wait_health("unhealthy", 120)
-        answer = httpx.get(f"{container.url}/healthz", timeout=30)
+        # Past FENCE_SEC the server fences itself and re-executes in place: for the
+        # import time it does not listen (refused), then answers 503 while it waits.
+        answer = wait_for(lambda: answer_or_none(f"{container.url}/healthz"), 60, 0.5, "/healthz")
         assert answer.status_code == 503
         assert answer.json()["reason"].startswith("database unreachable")
 
