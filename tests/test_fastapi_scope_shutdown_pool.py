@@ -453,6 +453,13 @@ def test_a_pool_process_imports_only_what_fib_needs(
 
 
 @pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
+def healthy(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.TransportError:  # not listening yet
+        return False
+
+
 def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
     pg_url: str, image: str, tmp_path: Path
 ) -> None:
@@ -463,7 +470,8 @@ def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
         wait_for(lambda: "process pool ready" in container.logs(), 180, 0.5, "the pool")
         assert container.running()
         with httpx.Client(base_url=container.url, timeout=30) as http:
-            wait_for(lambda: http.get("/healthz").status_code == 200, 60, 0.2, "/healthz")
+            # The pool is ready before DBOS launches: the server listens only after.
+            wait_for(lambda: healthy(http), 60, 0.2, "/healthz")
             compute_a_fan_out(ShutdownClient(http))
         reports = pool_reports(parse_json_lines(container.logs()))
     finally:
