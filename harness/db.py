@@ -220,3 +220,13 @@ def assert_no_secret_in_databases(*urls: str) -> None:
         leaks = secrets_in_database(url)
         # Which tables, never the secret itself.
         assert not leaks, f"a secret reached the system database, tables: {sorted(leaks)}"
+
+
+def duplicate_outputs(db_url: str) -> int:
+    """(workflow, operation) pairs recorded more than once, across the database."""
+    rows = query(
+        db_url,
+        "SELECT count(*) FROM (SELECT workflow_uuid, function_id FROM dbos.operation_outputs "
+        "GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    return int(rows[0][0])

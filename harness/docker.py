@@ -158,6 +158,15 @@ def wait_until(
 # --- containers -------------------------------------------------------------------
 
 
+def ledger_volume(directory: Path) -> tuple[dict[str, str], list[str]]:
+    """A step-body ledger (the demo's FIB_LEDGER) that containers share with the test,
+    at ``directory / "runs.txt"`` on the host: the environment and ``docker run``
+    options that mount it. The image's user (not root) must be able to append."""
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    return {"FIB_LEDGER": "/ledger/runs.txt"}, ["--volume", f"{directory}:/ledger"]
+
+
 @dataclass
 class Container:
     """A container of the project's image on host networking, serving on ``port``."""

@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from harness.clients import ShutdownClient
-from harness.db import query
+from harness.db import duplicate_outputs, query
 from harness.fanout import MODULE, demo_server
 from harness.faults import FaultProxy
 from harness.proc import free_port, read_json_lines, wait_for
@@ -384,16 +384,6 @@ def unfinished(db_url: str, parent: str) -> list[tuple[str, str]]:
             parent,
         )
     ]
-
-
-def duplicate_outputs(db_url: str) -> int:
-    """(workflow, operation) pairs recorded more than once, across the database."""
-    rows = query(
-        db_url,
-        "SELECT count(*) FROM (SELECT workflow_uuid, function_id FROM dbos.operation_outputs "
-        "GROUP BY 1, 2 HAVING count(*) > 1) d",
-    )
-    return int(rows[0][0])
 
 
 def leases(db_url: str) -> dict[int, tuple[str, int, bool]]:

@@ -87,7 +87,7 @@ from typing import Any
 
 from harness import REPO
 from harness.clients import ShutdownClient
-from harness.db import query, workflow_status
+from harness.db import duplicate_outputs, query, workflow_status
 from harness.env import script_env
 from harness.fanout import children, demo_server, fan_out_result, ledger_runs
 from harness.proc import read_json_lines, wait_for
@@ -109,16 +109,6 @@ FINISH_TIMEOUT = 180  # generous: the machine may be loaded
 
 MOMENTS_FAN = ("while enqueueing", "steps running", "steps done, fan-out not yet", "after finish")
 MOMENTS_SCOPE = ("in a step body", "between steps", "after finish")
-
-
-def duplicate_outputs(db_url: str) -> int:
-    """(workflow_uuid, function_id) pairs recorded more than once, across the database."""
-    rows = query(
-        db_url,
-        "SELECT count(*) FROM (SELECT workflow_uuid, function_id FROM dbos.operation_outputs "
-        "GROUP BY 1, 2 HAVING count(*) > 1) d",
-    )
-    return int(rows[0][0])
 
 
 # --- the fan-out ---------------------------------------------------------------

@@ -385,14 +385,8 @@ def test_crash_exits_137_and_a_new_container_finishes_the_same_fan_out(
     run: Run, pg_url: str, token: str, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    ledger.mkdir()
-    os.chmod(ledger, 0o777)  # the container's user appends to it
-    env = {
-        "DBOS_SYSTEM_DATABASE_URL": pg_url,
-        "SHUTDOWN_TOKEN": token,
-        "FIB_LEDGER": "/ledger/runs.txt",
-    }
-    options = ["--volume", f"{ledger}:/ledger"]
+    ledger_env, options = hd.ledger_volume(ledger)
+    env = {"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": token, **ledger_env}
     first = run(env, options)
     wait_serving(first)
     with client(first) as http:

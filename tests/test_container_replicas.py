@@ -42,18 +42,12 @@ DEADLINE = 180  # safety bound of every wait; the figures are measured, not asse
 def pair(image: str, pg_url: str, tmp_path: Path) -> Iterator[tuple[hd.Container, ...]]:
     """Two containers on ``pg_url`` sharing a ledger volume; started one after the other
     (the first claims slot 0); their logs land in ``<name>.log`` afterwards."""
-    ledger = tmp_path / "ledger"
-    ledger.mkdir()
-    os.chmod(ledger, 0o777)  # the container's user appends to it
-    env = {
-        "DBOS_SYSTEM_DATABASE_URL": pg_url,
-        "FIB_LEDGER": "/ledger/runs.txt",
-        "FIB_PROCESSES": "1",
-    }
+    ledger_env, options = hd.ledger_volume(tmp_path / "ledger")
+    env = {"DBOS_SYSTEM_DATABASE_URL": pg_url, "FIB_PROCESSES": "1", **ledger_env}
     started = []
     try:
         for _ in range(2):
-            c = hd.Container(image, free_port(), env, ["--volume", f"{ledger}:/ledger"])
+            c = hd.Container(image, free_port(), env, options)
             started.append(c.start())
             healthy(c)
         yield tuple(started)

@@ -149,15 +149,9 @@ def test_docker_stop_mid_fan_out_records_no_error_and_a_new_container_finishes_i
     image: str, pg_url: str, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    ledger.mkdir()
-    os.chmod(ledger, 0o777)  # the container's user appends to it
-    env = {
-        "DBOS_SYSTEM_DATABASE_URL": pg_url,
-        "FIB_LEDGER": "/ledger/runs.txt",
-        "FIB_PROCESSES": str(PROCESSES),
-    }
+    ledger_env, options = hd.ledger_volume(ledger)
+    env = {"DBOS_SYSTEM_DATABASE_URL": pg_url, "FIB_PROCESSES": str(PROCESSES), **ledger_env}
     remember_secrets(env)
-    options = ["--volume", f"{ledger}:/ledger"]
     first = hd.Container(image, free_port(), env, options)
     second = hd.Container(image, free_port(), env, options)
     try:
