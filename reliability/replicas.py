@@ -50,9 +50,12 @@ Figures (``area = replicas``, per case)
                                   lease it claimed after the fault (a new owner in
                                   ``experiment6.executor_slots``).
     outputs recorded by a stale owner
-                                  promise 0 (partition, freeze): steps A had in flight,
-                                  finished by another replica, whose recorded output's body
-                                  started before that replica dequeued them.
+                                  promise 0 (partition, freeze): steps A had in flight
+                                  and had not recorded by the fault, finished by another
+                                  replica, whose recorded output's body started before
+                                  that replica dequeued them. (A step recorded before the
+                                  fault whose workflow had not yet ended is replayed by
+                                  the new owner: A's record, made while A owned it.)
     cut from all: healthy while cut
                                   promise 0: /healthz 200 for a request sent while cut.
     cut from all: resume after heal (median, max)
@@ -130,6 +133,9 @@ class CaseResult:
     workflow_id: str = ""
     owner: str = ""  # A's executor id
     in_flight: set[int] = field(default_factory=set)  # steps PENDING at the fault
+    # Steps whose output A had recorded by the fault (their workflow still PENDING: A
+    # was between the step's record and the workflow's end): A's while it owned them.
+    recorded_at_fault: set[int] = field(default_factory=set)
     takeover_sec: float | None = None
     finished: bool = False
     result_ok: bool = False
@@ -303,6 +309,7 @@ def _run(case: str, group: Replicas, health: HealthLog, r: CaseResult) -> None:
     snapshot = pending_rows(group.db_url, r.owner)
     after = children(group.db_url, r.workflow_id)
     r.in_flight = {i for c in (before, after) for i, s in c.items() if s["status"] == "PENDING"}
+    r.recorded_at_fault = {i for i, s in after.items() if s["outputs"]}
     if case == "cut from all":
         _cut_from_all(group, health, r, t0)
     elif case == "freeze":
@@ -403,12 +410,15 @@ def _collect(db_url: str, ledger: Path, r: CaseResult) -> None:
     r.duplicate_rows = duplicate_outputs(db_url)
     r.runs = ledger_runs(ledger, r.workflow_id)
     r.lost = unfinished(db_url, r.workflow_id)
-    # A's in-flight steps finished elsewhere: the recorded output's body must have
-    # started after that replica dequeued the step (not A's stale body).
+    # A's in-flight steps finished elsewhere: unless A had recorded the output before
+    # the fault (then it was the owner's record, and the new owner replays it), the
+    # recorded output's body must have started after that replica dequeued the step
+    # (not A's stale body).
     r.stale_outputs = sorted(
         i
         for i, c in steps.items()
         if i in r.in_flight
+        and i not in r.recorded_at_fault
         and c["executor_id"] != r.owner
         and None not in (c["body"][0], c["started"])
         and c["body"][0] < c["started"]
