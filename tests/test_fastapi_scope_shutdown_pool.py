@@ -452,7 +452,6 @@ def test_a_pool_process_imports_only_what_fib_needs(
     assert {r["pid"] for r in reports} <= set(pool_pids_of(tree))
 
 
-@pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
 def healthy(http: httpx.Client) -> bool:
     try:
         return http.get("/healthz").status_code == 200
@@ -460,6 +459,7 @@ def healthy(http: httpx.Client) -> bool:
         return False
 
 
+@pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
 def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
     pg_url: str, image: str, tmp_path: Path
 ) -> None:
