@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# The service lock: what the demo and lab/ import, nothing of the other experiments
+# The service lock: what the demo, shutdown/ and lab/ import, nothing of the other experiments
 # (integration.py's S3 libraries stay out); every package at the version the tests ran
 # (the runtime lock the tests install is constrained to it), each with its hashes
 # (--require-hashes refuses anything unlisted or altered). Installed before the code
@@ -36,11 +36,12 @@ RUN pip install --no-cache-dir --require-hashes -r requirements-service.txt \
     && useradd --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
         --shell /usr/sbin/nologin app
 
-# Only what the shutdown demo needs: the script and lab/ (the package it runs on,
-# with the page's static files); owned by root, so the app cannot change its code.
+# Only what the shutdown demo needs: the script, shutdown/ (its own package, with the
+# page's static files) and lab/ (what the experiments share); owned by root, so the app cannot change its code.
 # dbos-config.yaml serves the DBOS CLI inside the container (dbos workflow list).
 COPY dbos-config.yaml fastapi_scope_shutdown.py ./
 COPY lab/ lab/
+COPY shutdown/ shutdown/
 
 # The system database. DBOS_SYSTEM_DATABASE_URL wins when given (-e at run time);
 # left empty, lab/config.py composes postgresql://PGUSER:PGPASSWORD@PGHOST:PGPORT/PGDATABASE

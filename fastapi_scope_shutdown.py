@@ -25,12 +25,13 @@ from dbos._error import DBOSWorkflowIDInUseError
 from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from lab import config, logs, page, pool, signals
-from lab.admission import STEPS_ATTRIBUTE, Admission
-from lab.fib import fib  # its own module: a pool process imports it, and nothing else
-from lab.health import HealthCheck
+from lab import config, logs, signals
 from lab.launch import check_reachable, launch
-from lab.slots import REJOIN_ENV, ExecutorSlots
+from shutdown import page, pool
+from shutdown.admission import STEPS_ATTRIBUTE, Admission
+from shutdown.fib import fib  # its own module: a pool process imports it, and nothing else
+from shutdown.health import HealthCheck
+from shutdown.slots import REJOIN_ENV, ExecutorSlots
 
 APP = "shutdown"
 log = logging.getLogger("fastapi_scope_shutdown")
@@ -74,7 +75,7 @@ UVICORN_GRACEFUL_SEC = 5
 # killed before they could answer, in a loop. A hung worker is replaced this much later.
 WORKER_HEALTHCHECK_SEC = 30
 MAX_SLOTS = 32
-# Executor-slot leases (lab/slots.py), timed on the database's clock. A process renews
+# Executor-slot leases (shutdown/slots.py), timed on the database's clock. A process renews
 # its lease every RENEW_EVERY_SEC; one that could not confirm it for FENCE_SEC stops
 # all work at once (it fences itself); a peer may take an unrenewed slot over
 # LEASE_SEC after its last renewal, so LEASE_SEC - FENCE_SEC (2 s) is the margin by
@@ -102,7 +103,7 @@ def fence(slot: int, stopping: bool) -> None:
 
 TRACKER_WARNINGS = "ignore::UserWarning:multiprocessing.resource_tracker"
 
-# Executor ids: every process claims a numbered slot, executor "shutdown-<n>" (lab/slots.py).
+# Executor ids: every process claims a numbered slot, executor "shutdown-<n>" (shutdown/slots.py).
 slots = ExecutorSlots(
     APP,
     max_slots=MAX_SLOTS,
@@ -292,7 +293,7 @@ app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX
 # on any replica and after restarts, for as long as the workflow's row exists.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KEYED_ID_PREFIX = "trigger-"
-# Admitted steps not finished yet, across the service (lab/admission.py). The default
+# Admitted steps not finished yet, across the service (shutdown/admission.py). The default
 # drains in about a minute: 7.6 steps/s is what this 2-core machine, shared by other
 # jobs, finished of default fan-outs (50 steps, max_n 30, process pool) admitted at once
 # (reliability load area, "overload": 300 steps in 39.5 s), so 500 steps (ten default
@@ -433,7 +434,7 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
 )
 async def healthz() -> Any:
     """200 when the system database answers (DBOS has launched: the lifespan finished),
-    503 with the reason when it does not answer within lab.health.TIMEOUT_SEC."""
+    503 with the reason when it does not answer within shutdown.health.TIMEOUT_SEC."""
     assert health is not None  # uvicorn serves only after the lifespan's startup
     acting = serving  # read once: a rejoin may finish while the check awaits
     code, body = await health.answer(executor_id=DBOS.executor_id if acting else None)

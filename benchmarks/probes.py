@@ -25,7 +25,7 @@ from dbos import DBOS
 
 # The demo's own: deliberately slow (exponential) pure-Python CPU work that holds the
 # GIL, in a module the process pool's processes can import (this one runs as __main__).
-from lab.fib import fib
+from shutdown.fib import fib
 
 log = logging.getLogger("bench")
 
@@ -295,7 +295,7 @@ def probe_threads(p: dict[str, Any]) -> dict[str, Any]:
     # database: step threads waiting on the demo's process pool (4d), or computing
     # themselves (4e). A queue nobody polls during the measurement: only the enqueue is timed.
     DBOS.register_queue("bench-convoy", polling_interval_sec=3600)
-    from lab import pool
+    from shutdown import pool
 
     pool.start(pool.usable_cores())
     out["pool_processes"] = len(pool.ready())
@@ -324,12 +324,12 @@ def enqueue_only(n: int, busy_threads: int, in_pool: bool, fib_n: int) -> list[f
 @contextmanager
 def _busy_threads(count: int, in_pool: bool = False, fib_n: int = 18) -> Iterator[None]:
     """``count`` plain threads computing Fibonacci numbers, as running CPU steps do: in
-    the thread, or handed to the process pool (lab/pool.py) and waited for."""
+    the thread, or handed to the process pool (shutdown/pool.py) and waited for."""
     stop = threading.Event()
     failures: list[BaseException] = []
 
     def spin() -> None:
-        from lab import pool
+        from shutdown import pool
 
         try:
             while not stop.is_set():

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks import demo
+from benchmarks import shutdown_runs
 from benchmarks.core import Row, percentile, progress, run_probe
 from harness import REPO
 from harness.db import ScratchDatabases, query
@@ -198,10 +198,10 @@ def row_logging(ctx: Context, kind: str) -> list[Row]:
 
 def row_fan_out(ctx: Context, kind: str) -> list[Row]:
     s = ctx.sizes
-    demo_settings = demo.settings()
+    shutdown_settings = shutdown_runs.settings()
     url = ctx.fresh_db(kind, "fanout")
-    poll = demo_settings.polling_interval
-    limit = demo_settings.queue_concurrency
+    poll = shutdown_settings.polling_interval
+    limit = shutdown_settings.queue_concurrency
     queues = [
         # The demo's queue settings, and how its fan_out waits (get_result every `poll` s).
         {"name": "bench-fanout-demo", "polling": poll, "concurrency": limit, "result_poll": poll},
@@ -235,8 +235,8 @@ def row_fan_out(ctx: Context, kind: str) -> list[Row]:
 def row_workers(ctx: Context, kind: str) -> list[Row]:
     """2 worker processes vs 1 on the demo itself (Postgres), and the machine's ceiling."""
     s = ctx.sizes
-    units, max_n = demo.size_fan_out(s.cpu_seconds, s.cpu_units)
-    cpu = demo.fan_out_cpu_seconds(units, max_n)
+    units, max_n = shutdown_runs.size_fan_out(s.cpu_seconds, s.cpu_units)
+    cpu = shutdown_runs.fan_out_cpu_seconds(units, max_n)
     row = Row(
         "4a",
         f"CPU-bound demo fan-out, executor=thread ({units} steps, max_n {max_n}, "
@@ -257,14 +257,14 @@ def row_workers(ctx: Context, kind: str) -> list[Row]:
     # Both servers stay up (separate databases) so the runs interleave: a busy phase of
     # the machine hits both layouts alike.
     dbs = {1: ctx.fresh_db(kind, "workers1"), 2: ctx.fresh_db(kind, "workers2")}
-    one = demo.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
-    two = demo.server(dbs[2], workers=2, log_dir=ctx.dbs.directory)
+    one = shutdown_runs.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
+    two = shutdown_runs.server(dbs[2], workers=2, log_dir=ctx.dbs.directory)
     with one, two:
         for i in range(s.server_repeats):
             runs = {}
             for workers, server in ((1, one), (2, two)) if i % 2 == 0 else ((2, two), (1, one)):
                 progress(f"{kind}: 4a {workers} worker(s), run {i + 1}/{s.server_repeats}")
-                runs[workers] = demo.run_fan_out(
+                runs[workers] = shutdown_runs.run_fan_out(
                     server, dbs[workers], units, max_n, executor="thread"
                 )
             row.add(runs[1].span, runs[2].span)
@@ -306,15 +306,15 @@ def _plain_processes(units: int, max_n: int, processes: int) -> float:
 def row_threads(ctx: Context, kind: str) -> list[Row]:
     """The same CPU-bound units on a 50-way queue in one process vs one after the other."""
     s = ctx.sizes
-    demo_settings = demo.settings()
+    shutdown_settings = shutdown_runs.settings()
     units = s.threads_units
-    n = demo.fib_for_seconds(s.threads_seconds / units)
+    n = shutdown_runs.fib_for_seconds(s.threads_seconds / units)
     url = ctx.fresh_db(kind, "threads")
-    limit = demo_settings.queue_concurrency
+    limit = shutdown_settings.queue_concurrency
     progress(
         f"{kind}: 4b CPU-bound: {units} × fib({n}), one process: {limit}-way queue vs sequential"
     )
-    poll = demo_settings.polling_interval
+    poll = shutdown_settings.polling_interval
     r = run_probe(
         "threads",
         url,
@@ -323,14 +323,14 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
             "fib": n,
             "repeats": s.threads_repeats,
             "enqueues": s.convoy_enqueues,
-            "busy_threads": s.convoy_threads or demo_settings.queue_concurrency,
+            "busy_threads": s.convoy_threads or shutdown_settings.queue_concurrency,
             # Each busy thread's unit of work: a step of the demo's default fan-out
             # computes up to fib(30); a smaller unit keeps the threads turning over.
             "busy_fib": 24 if s.convoy_threads is None else 18,
             "queue": {
                 "name": "bench-threads",
                 "polling": poll,
-                "concurrency": demo_settings.queue_concurrency,
+                "concurrency": shutdown_settings.queue_concurrency,
                 "result_poll": poll,
             },
         },
@@ -347,7 +347,7 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
         row.add(seq, thr)
     row.target_text = "≈ 1.0 expected (the GIL)"
     row.details["fib"] = n
-    busy = s.convoy_threads or demo_settings.queue_concurrency
+    busy = s.convoy_threads or shutdown_settings.queue_concurrency
     pooled = Row(
         "4d",
         f"one enqueue while {busy} step threads wait on the demo's process pool "
@@ -378,8 +378,10 @@ def row_http(ctx: Context, kind: str) -> list[Row]:
     s = ctx.sizes
     url = ctx.fresh_db(kind, "http")
     progress(f"{kind}: 5 HTTP: {s.http_pairs} × (no-op, POST /trigger_async) on one server")
-    with demo.server(url, workers=1, log_dir=ctx.dbs.directory, app=demo.BENCH_APP) as server:
-        noop, trigger = demo.latencies(server, s.http_pairs)
+    with shutdown_runs.server(
+        url, workers=1, log_dir=ctx.dbs.directory, app=shutdown_runs.BENCH_APP
+    ) as server:
+        noop, trigger = shutdown_runs.latencies(server, s.http_pairs)
     med = Row("5a", "POST /trigger_async vs no-op route: median latency", kind, "trigger", "no-op")
     p99 = Row("5b", "POST /trigger_async vs no-op route: p99 latency", kind, "trigger", "no-op")
     floor = Row(
@@ -413,7 +415,7 @@ def row_http(ctx: Context, kind: str) -> list[Row]:
     for row in (med, p99, floor):
         row.details["requests_per_side"] = len(noop)
         row.details["blocks"] = s.http_blocks
-        row.details["no_op_route"] = demo.NOOP_ROUTE
+        row.details["no_op_route"] = shutdown_runs.NOOP_ROUTE
     return [med, p99, floor]
 
 
@@ -422,8 +424,8 @@ def row_http(ctx: Context, kind: str) -> list[Row]:
 
 def row_recovery(ctx: Context, kind: str) -> list[Row]:
     s = ctx.sizes
-    poll = demo.settings().polling_interval
-    units, max_n = demo.size_fan_out(s.cpu_seconds, s.cpu_units)
+    poll = shutdown_runs.settings().polling_interval
+    units, max_n = shutdown_runs.size_fan_out(s.cpu_seconds, s.cpu_units)
     what = f"recovery after SIGKILL mid-fan-out ({units} steps, max_n {max_n})"
     spawn = Row("6a", f"{what}: process restart → done vs remaining, uninterrupted", kind)
     launch = Row("6b", f"{what}: DBOS initialised → done vs remaining, uninterrupted", kind)
@@ -433,7 +435,7 @@ def row_recovery(ctx: Context, kind: str) -> list[Row]:
     for i in range(s.server_repeats):
         progress(f"{kind}: 6 recovery, run {i + 1}/{s.server_repeats}")
         url = ctx.fresh_db(kind, "recovery")
-        r = demo.recovery_run(url, units, max_n, log_dir=ctx.dbs.directory)
+        r = shutdown_runs.recovery_run(url, units, max_n, log_dir=ctx.dbs.directory)
         spawn.add(r["recover"], r["baseline"])
         if r["recover_after_launch"]:
             launch.add(r["recover_after_launch"], r["baseline"])
@@ -442,7 +444,7 @@ def row_recovery(ctx: Context, kind: str) -> list[Row]:
     _recovery_details(spawn, launch)
     for i in range(s.server_repeats):
         progress(f"{kind}: 6 the process pool's start, on an idle server, {i + 1}")
-        start = demo.pool_start(ctx.fresh_db(kind, "poolstart"), ctx.dbs.directory)
+        start = shutdown_runs.pool_start(ctx.fresh_db(kind, "poolstart"), ctx.dbs.directory)
         spawn.details.setdefault("pool_starts", []).append(start)
     starts = spawn.details.get("pool_starts", [])
     if starts:
@@ -672,13 +674,13 @@ def _cpu_bound(row: Row, used: dict[str, float], plain: float, cores: int) -> No
 def row_pool(ctx: Context, kind: str) -> list[Row]:
     """The demo's default fan-out with the process pool against threads, against the
     machine's ceiling, across two workers, and what it leaves of the service's answers."""
-    from lab.pool import usable_cores
+    from shutdown.pool import usable_cores
 
     s = ctx.sizes
-    app = demo.shutdown_app
+    app = shutdown_runs.fastapi_scope_shutdown
     steps, max_n = s.pool_fan_out or (app.DEFAULT_STEPS, app.DEFAULT_MAX_N)
     cores = usable_cores()
-    cpu = demo.fan_out_cpu_seconds(steps, max_n)
+    cpu = shutdown_runs.fan_out_cpu_seconds(steps, max_n)
     what = f"{steps} steps, max_n {max_n}, ~{cpu:.1f} CPU-s"
     rows = {
         "8a": Row(
@@ -741,16 +743,16 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
         )
     two_workers = kind == "postgres"
     dbs = {1: ctx.fresh_db(kind, "pool1")}
-    one = demo.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
+    one = shutdown_runs.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
     servers = [one]
     if two_workers:
         dbs[2] = ctx.fresh_db(kind, "pool2")
-        servers.append(demo.server(dbs[2], workers=2, log_dir=ctx.dbs.directory))
+        servers.append(shutdown_runs.server(dbs[2], workers=2, log_dir=ctx.dbs.directory))
     try:
         for server in servers:
             server.start()
         time.sleep(1)  # every worker's queue poller is up
-        demo.run_fan_out(one, dbs[1], 10, 10)  # warm: connections, the pool's first tasks
+        shutdown_runs.run_fan_out(one, dbs[1], 10, 10)  # warm: connections, the pool's first tasks
         idle = _healthz_idle(one.base_url, s.health_idle)
         for i in range(s.pool_repeats):
             spans: dict[str, float] = {}
@@ -761,7 +763,7 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
                 assert one.proc is not None
                 meter = _CpuMeter(one.proc.pid, dbs[1], kind)
                 before = meter.read()
-                run = demo.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
+                run = shutdown_runs.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
                 after = meter.read()
                 rows["8a"].details.setdefault(f"cpu_seconds_{mode}", []).append(
                     {g: round(after[g] - before[g], 3) for g in after}
@@ -772,7 +774,7 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
                 # A fan-out of its own: the probe's requests are not in the spans above.
                 progress(f"{kind}: 8 /healthz during a fan-out, executor={mode}, run {i + 1}")
                 with _HealthProbe(one.base_url) as probe:
-                    demo.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
+                    shutdown_runs.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
                 health[mode] = probe.samples
                 rows["8e" if mode == "process" else "8f"].details.setdefault("statuses", []).append(
                     dict(probe.statuses)
@@ -792,7 +794,9 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
                 assert servers[1].proc is not None
                 meter = _CpuMeter(servers[1].proc.pid, dbs[2], kind, workers=2)
                 before = meter.read()
-                run2 = demo.run_fan_out(servers[1], dbs[2], steps, max_n, executor="process")
+                run2 = shutdown_runs.run_fan_out(
+                    servers[1], dbs[2], steps, max_n, executor="process"
+                )
                 after = meter.read()
                 rows["8c"].add(plain, run2.span)  # Postgres only
                 used2 = {g: round(after[g] - before[g], 3) for g in after}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import demo
+from benchmarks import shutdown_runs
 from benchmarks.core import progress
 from harness.db import ScratchDatabases, query
 from harness.fanout import child_index
@@ -220,7 +220,7 @@ def run_and_draw(
         # Postgres: a scratch database on that server; SQLite: the file itself.
         url = dbs.fresh("postgres", "timeline") if postgres else server_url
         progress(f"starting the demo with {workers} worker(s)")
-        with demo.server(url, workers=workers, log_dir=dbs.directory) as server:
+        with shutdown_runs.server(url, workers=workers, log_dir=dbs.directory) as server:
             # Let every worker's queue poller come up before the fan-out is enqueued.
             import time
 
@@ -228,8 +228,10 @@ def run_and_draw(
             runs = []
             for executor in executors:
                 progress(f"fan-out of {steps} steps, max_n {max_n}, executor={executor}")
-                runs.append((executor, demo.run_fan_out(server, url, steps, max_n, 600, executor)))
-        settings = demo.settings()
+                runs.append(
+                    (executor, shutdown_runs.run_fan_out(server, url, steps, max_n, 600, executor))
+                )
+        settings = shutdown_runs.settings()
         panels = []
         for executor, run in runs:
             progress(
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--limit",
         type=int,
-        default=demo.settings().queue_concurrency,
+        default=shutdown_runs.settings().queue_concurrency,
         help="queue limit line (draw mode; default: the demo's)",
     )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")

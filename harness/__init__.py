@@ -1,8 +1,8 @@
 """The harness the tests, the benchmarks and the reliability suite share.
 
 One module per concern; nothing here imports from ``tests/``. The apps' constants and
-limits are imported from the apps themselves (``from harness.apps import shutdown_app``,
-``shutdown_app.GRACE_SECONDS``), never copied or parsed.
+limits are imported from the apps themselves (``import fastapi_scope_shutdown``,
+``fastapi_scope_shutdown.GRACE_SECONDS``), never copied or parsed.
 
     harness.env        a script's environment, and the secrets handed to scripts
     harness.proc       run a script, wait for something, ports, process liveness, JSON lines

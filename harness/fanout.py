@@ -104,7 +104,7 @@ def slot_claims(records: list[dict[str, Any]]) -> list[tuple[str, int]]:
 MODULE = "fastapi_scope_shutdown"
 
 
-def demo_server(
+def shutdown_server(
     db_url: str,
     log_path: Path,
     *,

@@ -38,7 +38,7 @@ import httpx
 
 from harness.clients import ShutdownClient
 from harness.db import duplicate_outputs, query
-from harness.fanout import MODULE, demo_server
+from harness.fanout import MODULE, shutdown_server
 from harness.faults import FaultProxy
 from harness.proc import free_port, read_json_lines, wait_for
 from harness.server import AppServer
@@ -293,7 +293,7 @@ class Replicas:
         """A new replica (process and proxy), started and healthy."""
         proxy = FaultProxy.to_url(self.db_url, name)
         self.spawned += 1
-        server = demo_server(
+        server = shutdown_server(
             proxy.url(self.db_url),
             self.workdir / f"replica-{name}-{self.spawned}.log",
             workers=self.workers,
@@ -388,17 +388,17 @@ def unfinished(db_url: str, parent: str) -> list[tuple[str, str]]:
 
 def leases(db_url: str) -> dict[int, tuple[str, int, bool]]:
     """slot -> (owner, pid, expired by the database's clock) of the shutdown demo's rows
-    in ``experiment6.executor_slots`` (lab/slots.py)."""
-    from harness.apps import shutdown_app
+    in ``experiment6.executor_slots`` (shutdown/slots.py)."""
+    import fastapi_scope_shutdown
     from lab.config import app_name
-    from lab.slots import TABLE
+    from shutdown.slots import TABLE
 
     try:
         rows = query(
             db_url,
             f"SELECT slot, owner::text, pid, expires_at < clock_timestamp() FROM {TABLE} "
             "WHERE app = %s",
-            app_name(shutdown_app.APP),
+            app_name(fastapi_scope_shutdown.APP),
         )
     except Exception:  # noqa: BLE001 - no table yet: no leases
         return {}

@@ -1,4 +1,4 @@
-"""The machinery the experiment scripts share, one module per concern.
+"""The machinery two or more experiment scripts share, one module per concern.
 
 config   the system database URL, the DBOS config, the one URL -> psycopg2 mapping,
          the SQLite version check
@@ -6,11 +6,7 @@ logs     JSON logging, the one-line fatal error
 launch   launching DBOS, resuming an interrupted run, serving a FastAPI app
 cli      the flags of the scope experiments
 views    the shared ``GET /workflows/{id}`` answer
-slots    executor slots: one executor id per live process (leases timed by the database)
-health   the ``/healthz`` database check
 signals  stopping a server gracefully, crashing it, or crashing a script
-pool     a process pool owned by a service, for CPU-bound steps: its lifecycle and
-         the guard that ends its processes when the service dies
-fib      the shutdown demo's CPU work, alone in its module: a pool process imports
-         it and nothing of the app (this package imports nothing either)
+
+What only the shutdown demo uses lives in its own package, ``shutdown/``.
 """

@@ -89,7 +89,7 @@ from harness import REPO
 from harness.clients import ShutdownClient
 from harness.db import duplicate_outputs, query, workflow_status
 from harness.env import script_env
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server
 from harness.proc import read_json_lines, wait_for
 from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
@@ -165,7 +165,7 @@ class FanOutTrial:
 
 def _fan_server(db_url: str, scratch: Path, name: str) -> AppServer:
     log, ledger = scratch / f"{name}.log", scratch / "ledger.txt"
-    return demo_server(db_url, log, token=TOKEN, ledger=ledger)
+    return shutdown_server(db_url, log, token=TOKEN, ledger=ledger)
 
 
 def _trigger(server: AppServer, steps: int, max_n: int) -> str:

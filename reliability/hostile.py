@@ -67,7 +67,9 @@ from typing import Any, cast
 
 import httpx
 
-from harness.apps import cache_app, scope_app, shutdown_app
+import fastapi_scope
+import fastapi_scope_cache
+import fastapi_scope_shutdown
 from harness.clients import WorkflowsClient
 from harness.db import query
 from harness.env import script_env
@@ -401,7 +403,11 @@ def above(limit: float) -> str:
 
 def _cases() -> list[HandCase]:
     s, c = SCOPE.key, CACHE.key
-    sa, ca, da = scope_app, cache_app, shutdown_app  # the limits, from the apps themselves
+    sa, ca, da = (
+        fastapi_scope,
+        fastapi_scope_cache,
+        fastapi_scope_shutdown,
+    )  # the limits, from the apps themselves
     cases: list[HandCase] = []
     sync_ok = {"steps": 1, "step_seconds": 0}
     cases += _numbers(s, "/trigger_sync", _hostile_numbers("steps", "step_seconds"), sync_ok)

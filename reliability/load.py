@@ -74,7 +74,7 @@ from typing import Any
 
 import httpx
 
-from harness.apps import scope_app
+import fastapi_scope
 from harness.clients import ScopeClient
 from harness.db import query
 from harness.env import script_env
@@ -90,7 +90,7 @@ REQUEST_TIMEOUT = 60.0
 BURST_TIMEOUT = 240.0
 SETTLE_TIMEOUT = 300.0
 SECOND_BURST_GROWTH_LIMIT_MIB = 16
-RUN_NAME = scope_app.A.run.__qualname__
+RUN_NAME = fastapi_scope.A.run.__qualname__
 NO_ANSWER = f"no answer in {REQUEST_TIMEOUT:.0f} s"
 
 

@@ -67,7 +67,7 @@ Figures (per scenario)
     recorded rows lost or changed  snapshot rows missing or different afterwards: 0.
     DB back -> health 200, DB back -> fan-out finished   info, seconds.
     executor slot lease held     the app's own promise: one live executor-slot lease per
-                                 process once the database is back (lab/slots.py).
+                                 process once the database is back (shutdown/slots.py).
     DBOS warnings while down     info: log lines per second of outage.
     password in answers or log   0.
     executor ids after the outage  the live leases' executor ids are those before the
@@ -99,7 +99,7 @@ What the app had to learn
     claimed ``shutdown-0`` although the first process still ran as ``shutdown-0`` (the
     figure then named "executor slot lock held after DB back" and
     ``test_a_database_restart_keeps_the_executor_slot_taken`` found it). It is now a
-    lease row renewed every second (lab/slots.py); a server restart shorter than the
+    lease row renewed every second (shutdown/slots.py); a server restart shorter than the
     fence time leaves it held, and a longer outage fences the process, which takes
     its own slot back once the server answers.
 """
@@ -120,16 +120,16 @@ from typing import Any
 
 import httpx
 
+import fastapi_scope_shutdown
 from harness import pgcluster
-from harness.apps import shutdown_app
 from harness.clients import ShutdownClient
 from harness.db import admin, query
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server
 from harness.proc import until as _until
 from harness.server import AppServer
-from lab import slots
 from lab.config import app_name
 from reliability.core import Context, Figure, info, progress, promise
+from shutdown import slots
 
 AREA = "outage"
 STEPS, MAX_N = 50, 30  # several seconds of CPU in one process: steps are in flight at the stop
@@ -142,7 +142,7 @@ RECOVERY_TIMEOUT = 180.0  # db_retry's backoff is capped at 60 s (90 s with jitt
 # What /healthz says while down: the database does not answer, or (after a fence) the
 # process waits for it to claim its executor slot anew.
 HEALTH_REASONS = ("database unreachable", "fenced: waiting for the database")
-# The app's log lines (fastapi_scope_shutdown.py, lab/slots.py) for a slot taken and lost.
+# The app's log lines (fastapi_scope_shutdown.py, shutdown/slots.py) for a slot taken and lost.
 CLAIM_LINE = "executor slot claimed"
 FENCE_LINE = "executor slot lost: fencing"
 # fastapi_scope_shutdown's schedule (CRON "*/5 * * * * *"): the app names no seconds
@@ -160,7 +160,7 @@ class Scenario:
     @property
     def fences(self) -> bool:
         """Longer than FENCE_SEC: every process fences itself and re-takes its slot."""
-        return self.down_seconds > shutdown_app.FENCE_SEC
+        return self.down_seconds > fastapi_scope_shutdown.FENCE_SEC
 
     @property
     def label(self) -> str:
@@ -410,7 +410,7 @@ def unfinished_workflows(db_url: str, before_ms: int) -> list[str]:
 
 
 def slot_locks(db_url: str) -> int:
-    """Executor slots held: the app's live leases (lab/slots.py), by the database's clock."""
+    """Executor slots held: the app's live leases (shutdown/slots.py), by the database's clock."""
     return len(slot_holders(db_url))
 
 
@@ -419,9 +419,9 @@ def slot_holders(db_url: str) -> dict[str, int]:
     rows = query(
         db_url,
         f"SELECT slot, pid FROM {slots.TABLE} WHERE app = %s AND expires_at > clock_timestamp()",
-        app_name(shutdown_app.APP),
+        app_name(fastapi_scope_shutdown.APP),
     )
-    return {shutdown_app.slots.executor_id(slot): int(pid) for slot, pid in rows}
+    return {fastapi_scope_shutdown.slots.executor_id(slot): int(pid) for slot, pid in rows}
 
 
 def when(record: dict[str, Any], key: str = "timestamp") -> datetime:
@@ -500,7 +500,7 @@ def app_on(ctx: Context, cluster: pgcluster.Cluster, workers: int = 1) -> Iterat
         .render_as_string(hide_password=False)
     )
     workdir = ctx.scratch("outage")
-    server = demo_server(
+    server = shutdown_server(
         db_url,
         workdir / "server.log",
         workers=None if workers == 1 else workers,
@@ -881,7 +881,7 @@ def process_figures(r: ScenarioResult) -> list[Figure]:
                 AREA,
                 f"{label}: fences (no renewal for FENCE_SEC)",
                 f"{len(r.fenced)} fenced, {r.restarts} re-took",
-                f"FENCE_SEC = {shutdown_app.FENCE_SEC:g} s; {retakes}",
+                f"FENCE_SEC = {fastapi_scope_shutdown.FENCE_SEC:g} s; {retakes}",
             )
         )
     else:
@@ -891,7 +891,7 @@ def process_figures(r: ScenarioResult) -> list[Figure]:
                 f"{label}: process restarts",
                 r.restarts if r.alive else f"{r.restarts}, server exited",
                 r.alive and r.restarts == 0 and not r.fenced,
-                f"0 (shorter than FENCE_SEC = {shutdown_app.FENCE_SEC:g} s)",
+                f"0 (shorter than FENCE_SEC = {fastapi_scope_shutdown.FENCE_SEC:g} s)",
                 pids,
             )
         )

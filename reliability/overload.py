@@ -7,7 +7,7 @@ What it measures
     ``FACTOR`` times the bound, each request with its own ``Idempotency-Key``. The
     service must admit work up to its bound and refuse the rest with 429 and
     ``Retry-After`` (never a 5xx, never a hang); everything it admitted must finish; the
-    backlog (lab/admission.py's query, sampled while the service drains) must never pass
+    backlog (shutdown/admission.py's query, sampled while the service drains) must never pass
     the bound; ``/healthz`` must stay responsive; and once drained it must admit again.
 
 How
@@ -36,26 +36,26 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.fanout import demo_server
+from harness.fanout import shutdown_server
 from harness.proc import wait_for
-from lab.admission import backlog_sql
 from reliability.core import Context, Figure, info, progress, promise
+from shutdown.admission import backlog_sql
 
 AREA = "load"
 FACTOR = 10
-STEPS, MAX_N = demo.DEFAULT_STEPS, demo.DEFAULT_MAX_N
+STEPS, MAX_N = fastapi_scope_shutdown.DEFAULT_STEPS, fastapi_scope_shutdown.DEFAULT_MAX_N
 QUICK_BOUND = 300  # the tests' bound: 60 requests, a few seconds of work
 PROBE_INTERVAL = 0.1
 IDLE_PROBES = 40
 HEALTH_RATIO_LIMIT = 5
 REQUEST_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 900.0
-FAN_OUT = demo.fan_out.__qualname__
+FAN_OUT = fastapi_scope_shutdown.fan_out.__qualname__
 AFTER_DRAIN_KEY = "after-drain"  # the one trigger sent once the burst has drained
-AFTER_DRAIN_ID = demo.KEYED_ID_PREFIX + AFTER_DRAIN_KEY
+AFTER_DRAIN_ID = fastapi_scope_shutdown.KEYED_ID_PREFIX + AFTER_DRAIN_KEY
 
 
 @dataclass
@@ -68,7 +68,10 @@ class Reply:
 
     @property
     def correct(self) -> bool:
-        accepted = self.status == 202 and self.workflow_id == demo.KEYED_ID_PREFIX + self.key
+        accepted = (
+            self.status == 202
+            and self.workflow_id == fastapi_scope_shutdown.KEYED_ID_PREFIX + self.key
+        )
         return accepted or (self.status == 429 and bool(self.retry_after))
 
 
@@ -224,7 +227,9 @@ def run_overload(ctx: Context, bound: int) -> OverloadRun:
     trigger after it, then the database's account."""
     db_url = ctx.fresh_db("overload")
     log = ctx.scratch("overload") / "server.log"
-    server = demo_server(db_url, log, env={"MAX_QUEUED_STEPS": str(bound)}, ready_path="/healthz")
+    server = shutdown_server(
+        db_url, log, env={"MAX_QUEUED_STEPS": str(bound)}, ready_path="/healthz"
+    )
     run = OverloadRun(bound=bound)
     keys = [f"burst-{i}" for i in range(FACTOR * bound // STEPS)]
     try:
@@ -322,7 +327,11 @@ def figures(run: OverloadRun) -> list[Figure]:
 
 
 def run(ctx: Context) -> list[Figure]:
-    return figures(run_overload(ctx, QUICK_BOUND if ctx.quick else demo.DEFAULT_MAX_QUEUED_STEPS))
+    return figures(
+        run_overload(
+            ctx, QUICK_BOUND if ctx.quick else fastapi_scope_shutdown.DEFAULT_MAX_QUEUED_STEPS
+        )
+    )
 
 
 __all__ = ["OverloadRun", "Reply", "figures", "run", "run_overload"]

@@ -53,7 +53,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness.apps import shutdown_app
+import fastapi_scope_shutdown
 from harness.db import query
 from harness.env import script_env
 from harness.proc import alive, read_json_lines, wait_for
@@ -61,10 +61,10 @@ from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
 
 AREA = "schedule"
-SCRIPT = f"{shutdown_app.__name__}.py"
-WORKFLOW_NAME = shutdown_app.every_five_seconds.__name__
+SCRIPT = f"{fastapi_scope_shutdown.__name__}.py"
+WORKFLOW_NAME = fastapi_scope_shutdown.every_five_seconds.__name__
 # DBOS's id of a scheduled run: sched-<schedule name>-<slot time>.
-ID_PREFIX = f"sched-{shutdown_app.SCHEDULE}-"
+ID_PREFIX = f"sched-{fastapi_scope_shutdown.SCHEDULE}-"
 # The app's CRON ("*/5 * * * * *"): it names no seconds constant.
 SLOT_SECONDS = 5
 # Every worker's apply_schedules replaces the schedule; the other workers' schedulers

@@ -48,7 +48,7 @@ from harness import REPO
 from harness.clients import CacheClient, ScopeClient, ShutdownClient
 from harness.db import database_dump, secrets_in_database
 from harness.env import known_secrets, outputs, script_env, secrets_in
-from harness.fanout import demo_server
+from harness.fanout import shutdown_server
 from harness.proc import run_script
 from harness.server import AppServer
 from reliability.core import Context, Figure, info, progress, promise
@@ -82,7 +82,7 @@ def exercise_shutdown_guard(ctx: Context) -> dict[str, Any]:
     work = ctx.scratch("secrets-shutdown")
     answers: list[int] = []
     serving_after: list[bool] = []
-    server = demo_server(url, work / "guarded.log", token=token).start()
+    server = shutdown_server(url, work / "guarded.log", token=token).start()
     api = ShutdownClient(server.client)
     try:
         workflow_id = api.trigger(20, 15)
@@ -96,7 +96,7 @@ def exercise_shutdown_guard(ctx: Context) -> dict[str, Any]:
         server.close()
 
     disabled: list[int] = []
-    with demo_server(url, work / "disabled.log") as off:
+    with shutdown_server(url, work / "disabled.log") as off:
         for headers in near_misses(token)[:3] + [{"Authorization": f"Bearer {token}"}]:
             disabled.append(ShutdownClient(off.client).shutdown(headers=headers).status_code)
         disabled_serving = off.running

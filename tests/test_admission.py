@@ -1,5 +1,5 @@
 """Admission control of POST /trigger_async: MAX_QUEUED_STEPS bounds the admitted,
-unfinished steps of the whole service (lab/admission.py counts them in the system
+unfinished steps of the whole service (shutdown/admission.py counts them in the system
 database). Beyond it: 429 with Retry-After and the reason, nothing started; a retry of an
 admitted key is still answered; once the backlog drains, triggers are admitted again.
 The bound is the service's: a second replica sees the first one's backlog. The load area
@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import script_env
-from harness.fanout import demo_server
+from harness.fanout import shutdown_server
 from harness.proc import run_script
 from harness.server import AppServer
 
@@ -29,7 +29,7 @@ FILLER_MAX_N = 30
 
 
 def server(db_url: str, tmp_path: Path, name: str) -> AppServer:
-    return demo_server(
+    return shutdown_server(
         db_url,
         tmp_path / f"{name}.log",
         env={"MAX_QUEUED_STEPS": str(BOUND)},
@@ -39,7 +39,7 @@ def server(db_url: str, tmp_path: Path, name: str) -> AppServer:
 
 def fan_out_count(db_url: str) -> int:
     sql = "SELECT count(*) FROM dbos.workflow_status WHERE name = %s"
-    return int(query(db_url, sql, demo.fan_out.__qualname__)[0][0])
+    return int(query(db_url, sql, fastapi_scope_shutdown.fan_out.__qualname__)[0][0])
 
 
 def assert_refused(answer: httpx.Response) -> None:
@@ -74,8 +74,11 @@ def test_over_the_bound_is_429_with_retry_after_and_admitted_again_once_drained(
         assert f"exceeds MAX_QUEUED_STEPS={BOUND}" in too_big.json()["detail"]
         api.wait_success(filler, timeout=180)
         # Drained: the refused key is admitted now, and a full-size request too.
-        assert api.trigger(BOUND, 0, key="newcomer") == demo.KEYED_ID_PREFIX + "newcomer"
-        api.wait_success(demo.KEYED_ID_PREFIX + "newcomer", timeout=60)
+        assert (
+            api.trigger(BOUND, 0, key="newcomer")
+            == fastapi_scope_shutdown.KEYED_ID_PREFIX + "newcomer"
+        )
+        api.wait_success(fastapi_scope_shutdown.KEYED_ID_PREFIX + "newcomer", timeout=60)
         api.wait_success(api.trigger(BOUND, 0), timeout=120)
         assert fan_out_count(db_url) == 3
 
@@ -99,7 +102,7 @@ def test_a_bad_max_queued_steps_fails_fast_with_one_line(tmp_path: Path, value: 
     assert result.returncode == 2
     assert len(result.records) == 1
     assert result.records[0]["message"] == (
-        f"MAX_QUEUED_STEPS must be a whole number from 1 to {demo.MAX_MAX_QUEUED_STEPS}, "
-        f"got {value!r}"
+        "MAX_QUEUED_STEPS must be a whole number from 1 to "
+        f"{fastapi_scope_shutdown.MAX_MAX_QUEUED_STEPS}, got {value!r}"
     )
     assert not (tmp_path / "experiment6.sqlite").exists()

@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import pytest
 
+import fastapi_scope_shutdown
 from harness import pgcluster
-from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.fanout import demo_server, fan_out_result, ledger_runs, max_running
+from harness.fanout import fan_out_result, ledger_runs, max_running, shutdown_server
 from harness.proc import wait_for
 from harness.server import AppServer
 from lab.config import app_name
@@ -40,7 +40,7 @@ from lab.config import app_name
 
 def serve(db_url: str, tmp_path: Path, name: str = "server") -> AppServer:
     """The demo in one process (as in the Docker image), step bodies on a ledger."""
-    return demo_server(db_url, tmp_path / f"{name}.log", ledger=tmp_path / "ledger.txt")
+    return shutdown_server(db_url, tmp_path / f"{name}.log", ledger=tmp_path / "ledger.txt")
 
 
 def child_statuses(db_url: str, parent: str) -> dict[str, str]:
@@ -107,9 +107,11 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
 # The fewest workers whose shares (rounded up) add up to more than the queue's limit:
 # only the queue-wide limit can then stop the last step.
 WORKERS = next(
-    n for n in range(2, demo.MAX_SLOTS) if n * demo.worker_concurrency(n) > demo.QUEUE_CONCURRENCY
+    n
+    for n in range(2, fastapi_scope_shutdown.MAX_SLOTS)
+    if n * fastapi_scope_shutdown.worker_concurrency(n) > fastapi_scope_shutdown.QUEUE_CONCURRENCY
 )
-SHARE = demo.worker_concurrency(WORKERS)
+SHARE = fastapi_scope_shutdown.worker_concurrency(WORKERS)
 # More steps than all workers could hold together (51), so that a freed slot always has
 # a step waiting, each long enough that every worker's first claim lands before any
 # first step ends (fib(32): ~0.2 s of CPU, 60 of them ~15 s; with fib(31) a worker whose
@@ -130,10 +132,10 @@ def enqueue_batch(db_url: str, batch: str, units: int, n: int, release_at: float
         for i in range(units):
             client.enqueue(
                 {
-                    "queue_name": demo.QUEUE,
-                    "workflow_name": f"<temp>.{demo.fib_step.__qualname__}",
+                    "queue_name": fastapi_scope_shutdown.QUEUE,
+                    "workflow_name": f"<temp>.{fastapi_scope_shutdown.fib_step.__qualname__}",
                     "workflow_id": f"{batch}-{i + 1}",
-                    "application_name": app_name(demo.APP),
+                    "application_name": app_name(fastapi_scope_shutdown.APP),
                     "delay_seconds": release_at - time.time(),
                 },
                 i,
@@ -221,10 +223,10 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
     fan-out enqueues its steps one by one while the queue polls (measured on 2 shared
     cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
     steps pile up to 50 only if each lasts many seconds."""
-    assert demo.MAX_SLOTS >= WORKERS  # the app allows this many workers
-    assert UNITS > WORKERS * SHARE > demo.QUEUE_CONCURRENCY
+    assert fastapi_scope_shutdown.MAX_SLOTS >= WORKERS  # the app allows this many workers
+    assert UNITS > WORKERS * SHARE > fastapi_scope_shutdown.QUEUE_CONCURRENCY
     batch = f"claims-{uuid.uuid4().hex[:8]}"
-    server = demo_server(
+    server = shutdown_server(
         pg_url,
         tmp_path / "server.log",
         workers=WORKERS,
@@ -258,7 +260,7 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
 
     # The queue-wide limit: never more held at once, and once exactly that many.
     spans = held(found)
-    assert max_running(spans) == demo.QUEUE_CONCURRENCY, sorted(spans)
+    assert max_running(spans) == fastapi_scope_shutdown.QUEUE_CONCURRENCY, sorted(spans)
     # The per-worker limit: no executor above it, one at least at it.
     per_executor: dict[str, list[tuple[int, int]]] = {}
     for unit, span in zip(found, spans, strict=True):

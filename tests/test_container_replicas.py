@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+import fastapi_scope_shutdown
 import harness.docker as hd
-from harness.apps import shutdown_app
 from harness.fanout import children, fan_out_result, ledger_runs
 from harness.proc import free_port, parse_json_lines, wait_for
 from harness.replicas import logged_at
@@ -159,7 +159,7 @@ def test_docker_kill_of_one_container_and_the_other_finishes_its_fan_out(
     adopted = [r["orphan"] for r in log_lines(b, "adopted orphaned executor slot")]
     assert adopted == [owner]
     # Another PID namespace: B could not know A dead before its lease expired.
-    assert takeover > shutdown_app.FENCE_SEC
+    assert takeover > fastapi_scope_shutdown.FENCE_SEC
 
 
 def test_docker_pause_past_the_lease_is_taken_over_and_fences_on_unpause(

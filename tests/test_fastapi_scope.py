@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+import fastapi_scope as app
 from harness import REPO
-from harness.apps import scope_app as app
 from harness.clients import ScopeClient
 from harness.db import query, step_outputs, workflow_rows
 from harness.env import script_env

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+import fastapi_scope_cache as app
 from harness import REPO
-from harness.apps import cache_app as app
 from harness.clients import CacheClient
 from harness.db import query, workflow_rows
 from harness.env import script_env

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+import fastapi_scope_shutdown
 from harness import REPO
-from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import script_env
@@ -27,10 +27,10 @@ from harness.fanout import (
     assert_clean_stop,
     assert_queue_limit,
     children,
-    demo_server,
     fan_out_result,
     ledger_runs,
     schedule_runs,
+    shutdown_server,
 )
 from harness.proc import free_port, run_script, wait_for
 from harness.server import AppServer
@@ -55,7 +55,7 @@ def app_server(
     """``uvicorn fastapi_scope_shutdown:app`` (one process, as in the Docker image), or
     ``python fastapi_scope_shutdown.py`` with WORKERS processes (as ``dbos start``)."""
     log, ledger = tmp_path / f"{name}.log", tmp_path / "ledger.txt"
-    return demo_server(db_url, log, workers=workers, token=token, ledger=ledger, port=port)
+    return shutdown_server(db_url, log, workers=workers, token=token, ledger=ledger, port=port)
 
 
 def api(server: AppServer) -> ShutdownClient:
@@ -105,17 +105,17 @@ def test_fan_out_returns_fibonacci_numbers_with_at_most_50_steps_running_at_once
     assert {c["status"] for c in steps_run.values()} == {"SUCCESS"}
     assert {c["outputs"] for c in steps_run.values()} == {1}  # one recorded output each
     assert ledger(tmp_path, workflow_id) == Counter(range(steps))  # each body ran once
-    assert_queue_limit(steps_run, demo.QUEUE_CONCURRENCY)
+    assert_queue_limit(steps_run, fastapi_scope_shutdown.QUEUE_CONCURRENCY)
 
 
 @pytest.mark.parametrize(
     ("params", "field"),
     [
         ({"steps": 0}, "steps"),
-        ({"steps": demo.MAX_STEPS + 1}, "steps"),
+        ({"steps": fastapi_scope_shutdown.MAX_STEPS + 1}, "steps"),
         ({"steps": "many"}, "steps"),
         ({"max_n": -1}, "max_n"),
-        ({"max_n": demo.MAX_MAX_N + 1}, "max_n"),
+        ({"max_n": fastapi_scope_shutdown.MAX_MAX_N + 1}, "max_n"),
     ],
 )
 @pytest.mark.slow
@@ -134,10 +134,10 @@ def test_openapi_documents_the_ranges(sqlite_server: AppServer) -> None:
     spec = sqlite_server.client.get("/openapi.json").json()
     params = {p["name"]: p for p in spec["paths"]["/trigger_async"]["post"]["parameters"]}
     steps, max_n = params["steps"]["schema"], params["max_n"]["schema"]
-    assert (steps["minimum"], steps["maximum"]) == (1, demo.MAX_STEPS)
-    assert (max_n["minimum"], max_n["maximum"]) == (0, demo.MAX_MAX_N)
-    assert steps["default"] == demo.DEFAULT_STEPS
-    assert max_n["default"] == demo.DEFAULT_MAX_N
+    assert (steps["minimum"], steps["maximum"]) == (1, fastapi_scope_shutdown.MAX_STEPS)
+    assert (max_n["minimum"], max_n["maximum"]) == (0, fastapi_scope_shutdown.MAX_MAX_N)
+    assert steps["default"] == fastapi_scope_shutdown.DEFAULT_STEPS
+    assert max_n["default"] == fastapi_scope_shutdown.DEFAULT_MAX_N
     shutdown = spec["paths"]["/shutdown"]["post"]["responses"]
     assert {"202", "401", "403"} <= shutdown.keys()
 
@@ -225,7 +225,9 @@ def test_sigterm_from_outside_is_a_graceful_stop_and_frees_the_executor_slot(
         started = time.monotonic()
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
-        assert_clean_stop(server, started, bound=demo.GRACE_SECONDS + 10, secret=TOKEN)
+        assert_clean_stop(
+            server, started, bound=fastapi_scope_shutdown.GRACE_SECONDS + 10, secret=TOKEN
+        )
     finally:
         server.close()
     # The slot was released: the next process gets the same executor id.
@@ -252,12 +254,12 @@ def test_schedule_fires_every_5_seconds_even_while_scope_py_uses_the_same_databa
         wait_for(lambda: len(schedule_runs(server.records())) >= 2, 12, 0.2, "two runs")
         queues_before = query(pg_url, queue_sql)
         queue = (
-            demo.QUEUE,
-            demo.QUEUE_CONCURRENCY,
-            demo.worker_concurrency(1),  # one process (uvicorn): every slot
-            demo.QUEUE_POLLING_SEC,
+            fastapi_scope_shutdown.QUEUE,
+            fastapi_scope_shutdown.QUEUE_CONCURRENCY,
+            fastapi_scope_shutdown.worker_concurrency(1),  # one process (uvicorn): every slot
+            fastapi_scope_shutdown.QUEUE_POLLING_SEC,
         )
-        assert queues_before == [(*queue, app_name(demo.APP))]
+        assert queues_before == [(*queue, app_name(fastapi_scope_shutdown.APP))]
 
         scope = run_script(
             "scope.py", "--steps", "2", "--step-seconds", "0", env=script_env(pg_url)

@@ -2,7 +2,7 @@
 leaves of the pool.
 
 ``POST /trigger_async?executor=process|thread``: ``process`` (the default) hands each
-step's ``fib`` to the service's process pool (lab/pool.py), ``thread`` computes in the
+step's ``fib`` to the service's process pool (shutdown/pool.py), ``thread`` computes in the
 DBOS step thread. The tests check, on real servers and a real Postgres:
 
 - the choice is validated (422 with the reason), recorded as a workflow input, used by
@@ -13,7 +13,7 @@ DBOS step thread. The tests check, on real servers and a real Postgres:
   the server process alone; after each, the next start finishes the fan-out with the
   right numbers and re-runs only the bodies that were in flight;
 - two workers split one fan-out, each within the queue's worker_concurrency;
-- a pool process holds only what ``fib`` needs (lab/fib.py and the pool's machinery):
+- a pool process holds only what ``fib`` needs (shutdown/fib.py and the pool's machinery):
   no DBOS, no FastAPI, no app, no re-run main module, however the demo is started
   (``python fastapi_scope_shutdown.py`` with one or two workers, uvicorn's own
   command, the image), and computes the fan-out's steps.
@@ -33,12 +33,19 @@ from typing import Any
 import httpx
 import pytest
 
+import fastapi_scope_shutdown
 import harness.docker as hd
-from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import remember_secrets, script_env
-from harness.fanout import MODULE, children, demo_server, fan_out_result, ledger_runs, max_running
+from harness.fanout import (
+    MODULE,
+    children,
+    fan_out_result,
+    ledger_runs,
+    max_running,
+    shutdown_server,
+)
 from harness.proc import alive, free_port, parse_json_lines, run_script, wait_for
 from harness.server import AppServer
 
@@ -51,7 +58,7 @@ PROCESSES = 2  # FIB_PROCESSES of the servers here
 def server_for(
     tmp_path: Path, db_url: str, name: str, workers: int | None = None, processes: int = PROCESSES
 ) -> AppServer:
-    return demo_server(
+    return shutdown_server(
         db_url,
         tmp_path / f"{name}.log",
         workers=workers,
@@ -328,7 +335,7 @@ def test_graceful_stop_ends_the_pool_within_the_grace_period(pg_url: str, tmp_pa
         answer = client(server).shutdown("graceful", TOKEN)
         started = time.monotonic()
         assert answer.status_code == 202
-        code = server.wait_exit(timeout=demo.GRACE_SECONDS + 20)
+        code = server.wait_exit(timeout=fastapi_scope_shutdown.GRACE_SECONDS + 20)
         stopped_after = time.monotonic() - started
         # The pool ended before the server exited; multiprocessing's resource tracker
         # ends when it sees the server gone.
@@ -338,7 +345,7 @@ def test_graceful_stop_ends_the_pool_within_the_grace_period(pg_url: str, tmp_pa
         server.close()
     assert code == -signal.SIGTERM
     # uvicorn's own wait for open requests, DBOS.destroy's grace period, then the pool.
-    assert stopped_after < demo.GRACE_SECONDS + 5, stopped_after
+    assert stopped_after < fastapi_scope_shutdown.GRACE_SECONDS + 5, stopped_after
     assert pool_left == [], pool_left
     messages = [r["message"] for r in server.records()]
     assert messages.index("DBOS successfully shut down") > messages.index("stopping DBOS")
@@ -359,7 +366,7 @@ def test_graceful_stop_ends_the_pool_within_the_grace_period(pg_url: str, tmp_pa
 
 
 def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> None:
-    steps, max_n = demo.DEFAULT_STEPS, demo.DEFAULT_MAX_N
+    steps, max_n = fastapi_scope_shutdown.DEFAULT_STEPS, fastapi_scope_shutdown.DEFAULT_MAX_N
     server = server_for(tmp_path, pg_url, "server", workers=2).start()
     try:
         workflow_id = trigger(server, steps, max_n, "process")
@@ -370,10 +377,10 @@ def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> N
     queue = query(
         pg_url,
         "SELECT concurrency, worker_concurrency FROM dbos.queues WHERE name = %s",
-        demo.QUEUE,
+        fastapi_scope_shutdown.QUEUE,
     )
-    share = demo.worker_concurrency(2)
-    assert queue == [(demo.QUEUE_CONCURRENCY, share)]
+    share = fastapi_scope_shutdown.worker_concurrency(2)
+    assert queue == [(fastapi_scope_shutdown.QUEUE_CONCURRENCY, share)]
     kids = children(pg_url, workflow_id)
     per_executor = Counter(c["executor_id"] for c in kids.values())
     assert set(per_executor) == {"shutdown-0", "shutdown-1"}, per_executor
@@ -390,11 +397,11 @@ def test_two_workers_split_the_default_fan_out(pg_url: str, tmp_path: Path) -> N
 # Never in a pool process: DBOS and its database layer, the web stack, the app.
 HEAVY = {"dbos", "sqlalchemy", "fastapi", "starlette", "pydantic", "uvicorn", MODULE}
 # What it needs: the pool's machinery and the module of fib.
-NEEDED = {"lab.pool", "lab.fib"}
+NEEDED = {"shutdown.pool", "shutdown.fib"}
 
 
 def pool_reports(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What each pool process answered to ``pool.ready`` (``lab.pool.facts``: computed in
+    """What each pool process answered to ``pool.ready`` (``shutdown.pool.facts``: computed in
     the pool process from its own ``sys.modules``), from every serving process's log."""
     return [p for r in records if r["message"] == "process pool ready" for p in r["processes"]]
 
@@ -483,8 +490,8 @@ def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
 def test_a_function_of_main_is_refused_and_the_pool_keeps_working() -> None:
     """Pool processes do not load ``__main__``: such a function, sent by reference, would
     fail to unpickle there and break the pool for every step; ``run`` refuses it."""
-    from lab import pool
-    from lab.fib import fib
+    from shutdown import pool
+    from shutdown.fib import fib
 
     def in_main(n: int) -> int:
         return n

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.fanout import (
     assert_clean_stop,
     assert_queue_limit,
     children,
-    demo_server,
     fan_out_result,
     ledger_runs,
     schedule_runs,
+    shutdown_server,
     slot_claims,
 )
 from harness.proc import alive, wait_for
@@ -40,7 +40,7 @@ def app_server(tmp_path: Path, db_url: str, name: str, *, workers: int | None = 
     """``python fastapi_scope_shutdown.py`` with WORKERS processes (as ``dbos start``), or
     ``uvicorn fastapi_scope_shutdown:app`` (one process) without."""
     log, ledger_file = tmp_path / f"{name}.log", tmp_path / "ledger.txt"
-    return demo_server(db_url, log, workers=workers, token=TOKEN, ledger=ledger_file)
+    return shutdown_server(db_url, log, workers=workers, token=TOKEN, ledger=ledger_file)
 
 
 def api(server: AppServer) -> ShutdownClient:
@@ -151,7 +151,7 @@ def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_k
         assert api(server).wait_success(first)["result"] == expected(steps, max_n)
         kids = children(pg_url, first)
         assert set(Counter(c["executor_id"] for c in kids.values())) == set(workers)
-        assert_queue_limit(kids, demo.QUEUE_CONCURRENCY)
+        assert_queue_limit(kids, fastapi_scope_shutdown.QUEUE_CONCURRENCY)
         # With every worker alive, no step body ran twice.
         assert ledger(tmp_path, first) == Counter(range(steps))
 
@@ -223,7 +223,9 @@ def test_graceful_shutdown_of_two_workers_mid_fan_out_stops_all_and_a_restart_fi
         assert answer.json()["mode"] == "graceful"
         # The worker that answered signals the supervisor, which stops every worker;
         # each runs its lifespan (DBOS.destroy with its bounded wait).
-        assert_clean_stop(server, started, bound=demo.GRACE_SECONDS + 10, secret=TOKEN)
+        assert_clean_stop(
+            server, started, bound=fastapi_scope_shutdown.GRACE_SECONDS + 10, secret=TOKEN
+        )
         assert not any(alive(p) for p in workers.values())
     finally:
         server.close()

@@ -1,4 +1,4 @@
-"""The shutdown demo's live page (lab/page.py, lab/static/) in a real browser.
+"""The shutdown demo's live page (shutdown/page.py, shutdown/static/) in a real browser.
 
 Debian's Chromium, headless, driven by Playwright (no browser download): the test starts
 a fan-out from the page's form, watches the grid fill, types the SHUTDOWN_TOKEN into the
@@ -28,13 +28,13 @@ from typing import Any, NoReturn
 
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.db import query, workflow_status
-from harness.fanout import child_index, demo_server, ledger_runs
+from harness.fanout import child_index, ledger_runs, shutdown_server
 from harness.proc import free_port
 from harness.server import AppServer
-from lab import page as live_page
-from lab.page import MAX_ID_LENGTH, MAX_LIMIT
+from shutdown import page as live_page
+from shutdown.page import MAX_ID_LENGTH, MAX_LIMIT
 
 TOKEN = "page-token-5e2a91c4d7"  # typed into the page; must never reach a log
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,8 +52,8 @@ CHROMIUM_ARGS = [
 # core for about 6 s, enough for a crash from the page to land while they run (the
 # server's own answers wait for that core too: the crash request can take seconds);
 # with the pool about 3 s. Small enough for a shared 2-core machine.
-STEPS, MAX_N = 60, demo.MAX_MAX_N
-SLOT_PREFIX = f"sched-{demo.SCHEDULE}-"
+STEPS, MAX_N = 60, fastapi_scope_shutdown.MAX_MAX_N
+SLOT_PREFIX = f"sched-{fastapi_scope_shutdown.SCHEDULE}-"
 
 
 def _missing(reason: str) -> NoReturn:
@@ -81,7 +81,7 @@ def browser() -> Iterator[Any]:
 
 def app_server(tmp_path: Path, db_url: str, workers: int | None, port: int, name: str) -> AppServer:
     """The demo with the token and the ledger, on a fixed port (the restart reuses it)."""
-    return demo_server(
+    return shutdown_server(
         db_url,
         tmp_path / f"{name}.log",
         workers=workers,
@@ -229,7 +229,9 @@ def test_live_page_crash_and_recovery(
         page.wait_for_selector("#trigger-result[data-status='202']")
         page.wait_for_function("() => document.querySelector('#fanout').dataset.workflowId !== ''")
         workflow_id = page.get_attribute("#fanout", "data-workflow-id")
-        assert workflow_id and workflow_id.startswith(demo.KEYED_ID_PREFIX)  # a key per click
+        assert workflow_id and workflow_id.startswith(
+            fastapi_scope_shutdown.KEYED_ID_PREFIX
+        )  # a key per click
         page.wait_for_selector(f"#fanouts li[data-workflow-id='{workflow_id}']")
 
         # The grid fills: big steps (fib(30..32)) run, and with the pool some are already

@@ -1,4 +1,4 @@
-"""The pool's stop ends its processes at once (lab/pool.py).
+"""The pool's stop ends its processes at once (shutdown/pool.py).
 
 A stop must not wait for running computations: with long steps it would take as long
 as the longest one and leave processes behind. Here the pool module is used directly,
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.proc import alive, wait_for
-from lab import pool
+from shutdown import pool
 
 # A pool in the test process, processes spawned and killed: seconds, not the fast tier.
 pytestmark = pytest.mark.slow
@@ -87,8 +87,10 @@ def timed_stop(pids: list[int]) -> str | None:
 
 
 def test_stop_ends_the_pool_at_once_while_it_computes_far_longer_than_the_stop_timeout() -> None:
-    assert demo.fib.__module__ == "lab.fib"  # what the pool processes import: fib alone
-    pool.start(PROCESSES, preload=demo.fib.__module__)
+    assert (
+        fastapi_scope_shutdown.fib.__module__ == "shutdown.fib"
+    )  # what the pool processes import: fib alone
+    pool.start(PROCESSES, preload=fastapi_scope_shutdown.fib.__module__)
     pids: list[int] = []
     callers = ThreadPoolExecutor(2 * PROCESSES, thread_name_prefix="step")
     try:
@@ -98,7 +100,8 @@ def test_stop_ends_the_pool_at_once_while_it_computes_far_longer_than_the_stop_t
         # One computation per process, and as many queued behind them: the steps of a
         # service whose stop comes mid fan-out.
         calls: list[Future[int]] = [
-            callers.submit(pool.run, demo.fib, LONG_N) for _ in range(2 * PROCESSES)
+            callers.submit(pool.run, fastapi_scope_shutdown.fib, LONG_N)
+            for _ in range(2 * PROCESSES)
         ]
         wait_for(
             lambda: all(cpu_seconds(p) > idle[p] + 0.3 for p in pids),

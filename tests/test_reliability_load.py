@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import fastapi_scope_shutdown
 from harness.db import assert_no_secret_in_databases
 from reliability import load, overload
 from reliability.core import Context, broken
@@ -160,7 +161,7 @@ def test_everything_admitted_finishes_nothing_refused_starts_and_it_admits_again
 
 
 def test_the_overload_checks_catch_a_5xx_a_bare_429_and_an_unfinished_fan_out() -> None:
-    ok = overload.Reply("k", 202, overload.demo.KEYED_ID_PREFIX + "k")
+    ok = overload.Reply("k", 202, fastapi_scope_shutdown.KEYED_ID_PREFIX + "k")
     assert ok.correct and overload.Reply("k", 429, retry_after="3").correct
     assert not overload.Reply("k", 429).correct  # no Retry-After
     assert not overload.Reply("k", 500).correct and not overload.Reply("k", None).correct

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.apps import shutdown_app
+import fastapi_scope_shutdown
 from harness.db import ScratchDatabases
 from harness.replicas import Replicas
 from reliability import replicas
@@ -109,7 +109,7 @@ def test_a_lost_replica_is_taken_over(case: str, pair: Replicas) -> None:
     assert r.adoptions >= 1
     assert r.takeover_sec is not None
     if pair.own_namespaces:  # else a peer on this host sees A's pid gone, and need not wait
-        assert r.takeover_sec > shutdown_app.FENCE_SEC, r.takeover_sec
+        assert r.takeover_sec > fastapi_scope_shutdown.FENCE_SEC, r.takeover_sec
 
 
 def test_a_lost_worker_of_a_replica_is_taken_over(pg_url: str, tmp_path: Path) -> None:

@@ -25,15 +25,15 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import admin, query
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs, slot_claims
+from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server, slot_claims
 from harness.proc import alive, until, wait_for
 from harness.server import AppServer
 from lab import signals
 from lab.config import app_name
-from lab.slots import TABLE, pid_space, start_ticks
+from shutdown.slots import TABLE, pid_space, start_ticks
 
 TOKEN = "test-token-slot-claims-5e21"  # must never show up in a log
 
@@ -200,7 +200,7 @@ def test_adoption_never_takes_work_from_a_live_worker(pg_url: str, tmp_path: Pat
     # the fan-out runs for many adopter periods with steps in flight on both workers.
     steps, max_n = 150, 31
     ledger = tmp_path / "ledger.txt"
-    server = demo_server(pg_url, tmp_path / "server.log", workers=2, token=TOKEN, ledger=ledger)
+    server = shutdown_server(pg_url, tmp_path / "server.log", workers=2, token=TOKEN, ledger=ledger)
     server.start(ready_timeout=120)
     try:
         workers = live_workers(server, 2)
@@ -222,7 +222,7 @@ def test_adoption_never_takes_work_from_a_live_worker(pg_url: str, tmp_path: Pat
             assert records(server, "adopted orphaned executor slot") == []
             running = set(running_on(pg_url, workflow_id))
             now = time.monotonic()
-            if running == set(workers) and now - last >= demo.ADOPT_EVERY_SEC:
+            if running == set(workers) and now - last >= fastapi_scope_shutdown.ADOPT_EVERY_SEC:
                 periods, last = periods + 1, now
             assert workflow_row(pg_url, workflow_id)[0] == "PENDING", (
                 "the fan-out ended inside the window: make it longer"
@@ -256,7 +256,7 @@ def take_lease(db_url: str, slot: int, seconds: float) -> str:
                 pid_space(),
                 start_ticks(os.getpid()),
                 seconds,
-                app_name(demo.APP),
+                app_name(fastapi_scope_shutdown.APP),
                 slot,
             ),
         )
@@ -289,7 +289,7 @@ def test_a_process_whose_slot_is_taken_stops_and_records_nothing_afterwards(
 ) -> None:
     steps, max_n = 40, 31
     ledger = tmp_path / "ledger.txt"
-    server = demo_server(pg_url, tmp_path / "server.log", token=TOKEN, ledger=ledger)
+    server = shutdown_server(pg_url, tmp_path / "server.log", token=TOKEN, ledger=ledger)
     server.start(ready_timeout=120)
     try:
         assert server.proc is not None
@@ -332,7 +332,7 @@ def test_a_process_whose_slot_is_taken_stops_and_records_nothing_afterwards(
         assert api(server).healthz().json()["executor_id"] == "shutdown-1"
         # Longer than a lease and several adopter periods: the new image must not adopt
         # a slot whose lease is live, and nothing may change under shutdown-0.
-        time.sleep(demo.LEASE_SEC + 3 * demo.ADOPT_EVERY_SEC)
+        time.sleep(fastapi_scope_shutdown.LEASE_SEC + 3 * fastapi_scope_shutdown.ADOPT_EVERY_SEC)
         assert recorded_under(pg_url, "shutdown-0") == snapshot
         assert records(server, "adopted orphaned executor slot") == []
         # The holder lets go: now the slot is an orphan, adopted, and the fan-out finishes.
@@ -354,7 +354,7 @@ def lease_expiry(db_url: str, slot: int) -> Any:
     rows = query(
         db_url,
         f"SELECT expires_at FROM {TABLE} WHERE app = %s AND slot = %s",
-        app_name(demo.APP),
+        app_name(fastapi_scope_shutdown.APP),
         slot,
     )
     return rows[0][0] if rows else None
@@ -369,7 +369,7 @@ def test_a_cpu_saturating_thread_fan_out_does_not_fence_a_healthy_process(
     keeper would fence a process that is only busy. Renewals are watched from here, in
     the database: the longest gap between two must stay under FENCE_SEC."""
     steps, max_n = 50, 32
-    server = demo_server(pg_url, tmp_path / "server.log", token=TOKEN)
+    server = shutdown_server(pg_url, tmp_path / "server.log", token=TOKEN)
     server.start(ready_timeout=120)
     expiries: list[Any] = []
     try:
@@ -390,7 +390,7 @@ def test_a_cpu_saturating_thread_fan_out_does_not_fence_a_healthy_process(
     gaps = [(b - a).total_seconds() for a, b in zip(expiries, expiries[1:], strict=False)]
     assert records(server, "executor slot lost: fencing") == []
     assert len(gaps) >= 3, gaps  # it ran for several renewals
-    assert max(gaps) < demo.FENCE_SEC, gaps
+    assert max(gaps) < fastapi_scope_shutdown.FENCE_SEC, gaps
     print(f"renewal gaps: max {max(gaps):.2f} s over {len(gaps)} renewals")
 
 
@@ -401,7 +401,7 @@ def test_a_worker_whose_slot_is_taken_exits_and_uvicorn_replaces_it(
     """The same claim with WORKERS=2: the fenced worker exits (not with 3, on which
     uvicorn's supervisor would stop the whole server); the supervisor starts another,
     which claims a slot anew while the sibling serves on."""
-    server = demo_server(pg_url, tmp_path / "server.log", workers=2, token=TOKEN)
+    server = shutdown_server(pg_url, tmp_path / "server.log", workers=2, token=TOKEN)
     server.start(ready_timeout=120)
     try:
         workers = live_workers(server, 2)

@@ -1,4 +1,4 @@
-"""The executor-slot lease protocol (lab/slots.py), in this process, on a real Postgres.
+"""The executor-slot lease protocol (shutdown/slots.py), in this process, on a real Postgres.
 
 Each ``ExecutorSlots`` here stands for one process: its own owner uuid, its own
 keeper and fence timer. (They share this test's pid, which a lease records: a pid
@@ -21,7 +21,7 @@ import pytest
 from harness.db import admin, libpq_url, query
 from harness.proc import wait_for
 from lab.config import app_name
-from lab.slots import TABLE, ExecutorSlots, SlotConnection, pid_space, start_ticks
+from shutdown.slots import TABLE, ExecutorSlots, SlotConnection, pid_space, start_ticks
 
 APP = "slottest"
 NAME = app_name(APP)
@@ -194,7 +194,7 @@ def test_a_renewal_that_finds_the_row_taken_fences_at_once(
 ) -> None:
     a = new(procs, pg_url)
     assert a.slots.claim(pg_url) == 0
-    caplog.set_level(logging.ERROR, logger="lab.slots")
+    caplog.set_level(logging.ERROR, logger="shutdown.slots")
     taken = time.monotonic()
     execute(pg_url, f"UPDATE {TABLE} SET owner = %s WHERE app = %s", str(uuid.uuid4()), NAME)
     wait_for(lambda: a.fences, 5, 0.02, "the owner to fence")
@@ -229,7 +229,7 @@ def test_an_owner_that_cannot_confirm_its_lease_fences_before_it_expires(
 
     a.slots.on_fence = on_fence
     assert a.slots.claim(pg_url) == 0
-    caplog.set_level(logging.ERROR, logger="lab.slots")
+    caplog.set_level(logging.ERROR, logger="shutdown.slots")
     blocker = psycopg2.connect(libpq_url(pg_url))
     try:
         with blocker.cursor() as cur:  # a transaction holds the row until rollback

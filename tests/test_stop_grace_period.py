@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server
 from harness.proc import wait_for
 from harness.server import AppServer
 
@@ -38,7 +38,7 @@ PROCESSES = 2  # FIB_PROCESSES: the pool's processes
 # dequeued at once. Few: with 50 steps, the database round trips of the steps and of
 # the fan-out collecting their results took 5 s on a 2-core machine at load 25.
 STEPS = 10
-assert STEPS <= demo.worker_concurrency(1)
+assert STEPS <= fastapi_scope_shutdown.worker_concurrency(1)
 # fib(24) is a few ms of CPU: the whole fan-out fits the grace period with room to
 # spare, also on a loaded machine and under the GIL (thread mode).
 MAX_N = 24
@@ -87,7 +87,7 @@ def gate(tmp_path: Path) -> Any:
 
 
 def server_for(db_url: str, tmp_path: Path, name: str, gate: Gate) -> AppServer:
-    return demo_server(
+    return shutdown_server(
         db_url,
         tmp_path / f"{name}.log",
         env={"FIB_PROCESSES": str(PROCESSES), "FIB_LEDGER": str(gate.pipe)},
@@ -168,12 +168,13 @@ def test_a_fan_out_running_at_sigterm_that_fits_finishes_within_the_grace_period
         workflow_id = start_held_fan_out(server, pg_url, executor)
         sigterm(server)
         gate.open()  # the steps run only once the grace period has begun
-        code = server.wait_exit(timeout=demo.GRACE_SECONDS + 30)
+        code = server.wait_exit(timeout=fastapi_scope_shutdown.GRACE_SECONDS + 30)
     finally:
         server.close()
     assert code == -signal.SIGTERM, f"exit {code}:\n{server.log_tail(30)}"
     assert statuses(pg_url, workflow_id) == ("SUCCESS", {"SUCCESS": STEPS}), (
-        f"not finished in the grace period ({grace_taken(server):.1f} s of {demo.GRACE_SECONDS} s)"
+        f"not finished in the grace period ({grace_taken(server):.1f} s "
+        f"of {fastapi_scope_shutdown.GRACE_SECONDS} s)"
     )
     assert_each_step_once(pg_url, workflow_id, gate.ledger)
     # All from this one run: no restart finished anything.
@@ -196,12 +197,12 @@ def test_a_fan_out_that_does_not_fit_waits_out_the_grace_period_and_is_recovered
     try:
         workflow_id = start_held_fan_out(server=first, db_url=pg_url, executor=executor)
         sigterm(first)  # the gate stays closed: the steps outlast the grace period
-        code = first.wait_exit(timeout=demo.GRACE_SECONDS + 30)
+        code = first.wait_exit(timeout=fastapi_scope_shutdown.GRACE_SECONDS + 30)
     finally:
         first.close()
     assert code == -signal.SIGTERM, f"exit {code}:\n{first.log_tail(30)}"
     # DBOS.destroy waited the whole grace period for the running steps, in vain.
-    assert grace_taken(first) >= demo.GRACE_SECONDS
+    assert grace_taken(first) >= fastapi_scope_shutdown.GRACE_SECONDS
     assert statuses(pg_url, workflow_id) == ("PENDING", {"PENDING": STEPS})
 
     gate.open()

@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
+import fastapi_scope_shutdown
 import harness.docker as hd
-from harness.apps import shutdown_app as demo
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import remember_secrets
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server
 from harness.proc import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
     ledger = tmp_path / "ledger.txt"
 
     def server(name: str) -> Any:
-        return demo_server(
+        return shutdown_server(
             pg_url,
             tmp_path / f"{name}.log",
             ledger=ledger,
@@ -122,7 +122,7 @@ def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
         # The whole process group (AppServer starts the server as a group leader): the
         # server, its pool processes and multiprocessing's resource tracker.
         os.killpg(first.proc.pid, signal.SIGTERM)
-        code = first.wait_exit(timeout=demo.GRACE_SECONDS + 30)
+        code = first.wait_exit(timeout=fastapi_scope_shutdown.GRACE_SECONDS + 30)
     finally:
         first.close()
     # uvicorn re-raises the SIGTERM after its graceful stop.

@@ -16,19 +16,19 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.apps import shutdown_app as demo
+import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.fanout import children, demo_server, fan_out_result, ledger_runs
+from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server
 from harness.proc import wait_for
 from harness.server import AppServer
 
 STEPS, MAX_N = 8, 12  # small: the point is how many fan-outs start, not their work
-FAN_OUT = demo.fan_out.__qualname__
+FAN_OUT = fastapi_scope_shutdown.fan_out.__qualname__
 
 
 def server(db_url: str, tmp_path: Path, name: str) -> AppServer:
-    return demo_server(
+    return shutdown_server(
         db_url, tmp_path / f"{name}.log", ledger=tmp_path / "ledger.txt", ready_path="/healthz"
     )
 
@@ -52,7 +52,10 @@ def assert_ran_once(db_url: str, tmp_path: Path, workflow_id: str, api: Shutdown
 def test_a_retry_after_a_client_timeout_gets_the_same_fan_out_and_starts_no_other(
     db_url: str, tmp_path: Path
 ) -> None:
-    key, wanted = "order-42:retry_1.a", demo.KEYED_ID_PREFIX + "order-42:retry_1.a"
+    key, wanted = (
+        "order-42:retry_1.a",
+        fastapi_scope_shutdown.KEYED_ID_PREFIX + "order-42:retry_1.a",
+    )
     with server(db_url, tmp_path, "server") as srv:
         api = ShutdownClient(srv.client)
         # The client gives up before the answer; the server has the request all the same.
@@ -96,7 +99,7 @@ def test_bad_keys_are_400_and_a_key_reused_with_other_parameters_is_409(
         assert fan_outs(db_url) == []  # refused before anything started
         longest = "k" * 64
         workflow_id = api.trigger(STEPS, MAX_N, key=longest)
-        assert workflow_id == demo.KEYED_ID_PREFIX + longest
+        assert workflow_id == fastapi_scope_shutdown.KEYED_ID_PREFIX + longest
         for other in ({"steps": STEPS + 1}, {"max_n": MAX_N - 1}, {"executor": "thread"}):
             params: dict[str, Any] = {"steps": STEPS, "max_n": MAX_N, **other}
             answer = srv.client.post(
@@ -156,11 +159,13 @@ def test_two_replicas_receiving_one_key_at_once_start_one_fan_out(
         for key in keys:
             answers = _at_once([a, b], key)
             assert sorted(r.status_code for r in answers) == [200, 202], [r.text for r in answers]
-            assert {r.json()["workflow_id"] for r in answers} == {demo.KEYED_ID_PREFIX + key}
+            assert {r.json()["workflow_id"] for r in answers} == {
+                fastapi_scope_shutdown.KEYED_ID_PREFIX + key
+            }
         api = ShutdownClient(a.client)
         for key in keys:
-            assert_ran_once(pg_url, tmp_path, demo.KEYED_ID_PREFIX + key, api)
-    assert fan_outs(pg_url) == sorted(demo.KEYED_ID_PREFIX + k for k in keys)
+            assert_ran_once(pg_url, tmp_path, fastapi_scope_shutdown.KEYED_ID_PREFIX + key, api)
+    assert fan_outs(pg_url) == sorted(fastapi_scope_shutdown.KEYED_ID_PREFIX + k for k in keys)
 
 
 def test_in_process_one_key_one_fan_out_bad_keys_400_other_parameters_409(
@@ -172,7 +177,7 @@ def test_in_process_one_key_one_fan_out_bad_keys_400_other_parameters_409(
 
     monkeypatch.setenv("DBOS_SYSTEM_DATABASE_URL", sqlite_url)
     monkeypatch.setenv("FIB_PROCESSES", "1")
-    with TestClient(demo.app) as client:
+    with TestClient(fastapi_scope_shutdown.app) as client:
         api = ShutdownClient(client)
         first = api.trigger_async(2, 1, key="in-process")
         assert first.status_code == 202, first.text

@@ -215,7 +215,7 @@ class ExecutorSlots:
         self.adopt_every_sec = adopt_every_sec
         # on_fence(slot, stopping): end this process now; called at most once.
         self.on_fence = on_fence
-        self.log = logger or logging.getLogger("lab.slots")
+        self.log = logger or logging.getLogger("shutdown.slots")
         self.owner = str(uuid.uuid4())  # this incarnation; a re-executed process gets a new one
         self.slot: int | None = None
         self._url = ""

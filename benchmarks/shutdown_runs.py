@@ -18,12 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import fastapi_scope_shutdown
 from benchmarks import http_app
-from harness.apps import shutdown_app
 from harness.clients import ShutdownClient
 from harness.db import query, workflow_status
 from harness.env import script_env
-from harness.fanout import child_index, demo_server
+from harness.fanout import child_index, shutdown_server
 from harness.server import AppServer
 
 # Row 5's server: the demo's own app with one extra no-op route (benchmarks/http_app.py).
@@ -46,7 +46,7 @@ class Settings:
 @functools.cache
 def settings() -> Settings:
     """The demo's constants, imported from the demo."""
-    demo = shutdown_app
+    demo = fastapi_scope_shutdown
     return Settings(
         polling_interval=float(demo.QUEUE_POLLING_SEC),
         queue_name=demo.QUEUE,
@@ -64,7 +64,7 @@ def settings() -> Settings:
 @functools.cache
 def fib_seconds(n: int) -> float:
     """Seconds the demo's own naive ``fib(n)`` takes here (best of 3, after a warm-up)."""
-    fib = shutdown_app.fib
+    fib = fastapi_scope_shutdown.fib
     fib(n)
     best = float("inf")
     for _ in range(3):
@@ -128,7 +128,7 @@ def server(
     options["ready_timeout"] = 120
     if app is None:
         host = {"HOST": "127.0.0.1"}
-        return demo_server(
+        return shutdown_server(
             db_url, log, workers=workers, token=token, port=port, env=host, **options
         )
     # A benchmark-only wrapper of the demo, served like WORKERS=1.

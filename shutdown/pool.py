@@ -20,7 +20,7 @@ Lifecycle, for every way a service stops:
   FastAPI included, about a second of CPU per process. A pool process here runs only
   functions of importable modules, so it starts without the parent's main (the
   preparation data it gets leaves the main module out) and imports the module of the
-  function it runs (``preload``: keep that module light, e.g. lab/fib.py) as it
+  function it runs (``preload``: keep that module light, e.g. shutdown/fib.py) as it
   starts, not at its first call: the lifespan starts the pool before DBOS launches
   and waits until every process is up after (``ready``).
   Not ``forkserver``: the executor watches its processes through the forkserver, so
@@ -56,7 +56,7 @@ from multiprocessing.connection import wait
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("lab.pool")
+log = logging.getLogger("shutdown.pool")
 
 START_METHOD = "spawn"  # without the parent's main module: _LightContext
 MAX_PROCESSES = 64

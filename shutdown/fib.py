@@ -1,6 +1,6 @@
 """The shutdown demo's CPU work, in a module of its own.
 
-A process of the demo's pool (lab/pool.py) imports the module of the function it runs:
+A process of the demo's pool (shutdown/pool.py) imports the module of the function it runs:
 this one imports nothing, so a pool process holds only the interpreter, the pool's
 own machinery and ``fib``, never DBOS, FastAPI or the app.
 """

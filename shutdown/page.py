@@ -3,7 +3,7 @@
 ``router(...)`` returns an APIRouter for an app that runs a fan-out workflow (its
 steps enqueued as child workflows ``<fan-out id>-<i + 1>``) and a DBOS schedule:
 
-    GET /                              the page (lab/static: HTML, JS, CSS; no CDN)
+    GET /                              the page (shutdown/static: HTML, JS, CSS; no CDN)
     GET /fanouts?limit=N               recent fan-outs, newest first
     GET /workflows/{id}/steps          one fan-out's steps: status, executor, times,
                                        attempts (dispatches: 2+ = ran again after a
