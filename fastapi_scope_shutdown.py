@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 
 from lab import config, logs, signals
 from lab.launch import check_reachable, launch
+from lab.views import find_workflow
 from shutdown import page, pool
 from shutdown.admission import STEPS_ATTRIBUTE, Admission
 from shutdown.fib import fib  # its own module: a pool process imports it, and nothing else
@@ -402,15 +403,7 @@ async def trigger_async(
 @app.get("/workflows/{workflow_id}", responses={404: {"description": "no such fan-out"}})
 async def get_workflow(workflow_id: str) -> dict[str, Any]:
     """Status, progress (finished steps of all steps) and, once done, the result."""
-    # Postgres text cannot hold NUL: no workflow has such an id, and the query would fail (500).
-    found = (
-        []
-        if "\x00" in workflow_id
-        else await DBOS.list_workflows_async(workflow_ids=[workflow_id], load_output=True)
-    )
-    if not found or found[0].name != fan_out.__qualname__:
-        raise HTTPException(404, f"no fan-out workflow with id {workflow_id!r}")
-    wf = found[0]
+    wf = await find_workflow(workflow_id, name=fan_out.__qualname__, what="fan-out workflow")
     done = await DBOS.list_workflows_async(
         parent_workflow_id=workflow_id, status="SUCCESS", load_input=False, load_output=False
     )

@@ -22,11 +22,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from dbos import DBOS
-from fastapi import APIRouter, HTTPException, Query
+from dbos import DBOS, WorkflowStatus
+from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel
+
+from lab.views import find_workflow
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_LIMIT = 50
@@ -117,35 +119,111 @@ def _static(name: str, media_type: str) -> Callable[[], Awaitable[Response]]:
     return serve
 
 
-def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> APIRouter:
-    """The page's routes for the app whose fan-out workflow is ``fan_out`` (first two
-    inputs: steps, max_n; at most ``max_steps`` steps) and whose schedule is named
-    ``schedule``."""
-    name = fan_out.__qualname__
-    prefix = f"sched-{schedule}-"
-    api = APIRouter()
-    api.add_api_route(
-        "/",
-        _static("page.html", "text/html; charset=utf-8"),
-        methods=["GET"],
-        include_in_schema=False,
+def _ran_by(wf: WorkflowStatus) -> str | None:
+    """The executor that ran ``wf``: until dequeued the row names the process that
+    enqueued it, not a runner."""
+    return wf.executor_id if wf.dequeued_at or wf.completed_at else None
+
+
+def _fan_out_fields(wf: WorkflowStatus) -> dict[str, Any]:
+    """What both fan-out answers (the list and one fan-out's steps) say of the fan-out."""
+    return {
+        "workflow_id": wf.workflow_id,
+        "status": wf.status,
+        "executor_id": wf.executor_id,
+        "created_at": wf.created_at,
+        "completed_at": wf.completed_at,
+        "max_n": _int_arg(wf, 1),
+        "mode": _mode(wf),
+    }
+
+
+def _children_by_index(
+    workflow_id: str, children: list[WorkflowStatus], total: int
+) -> dict[int, WorkflowStatus]:
+    """The fan-out's child workflows by step index (``<fan-out id>-<i + 1>`` is step
+    ``i``); children named otherwise or beyond ``total`` are left out."""
+    by_index: dict[int, WorkflowStatus] = {}
+    for child in children:
+        suffix = child.workflow_id[len(workflow_id) + 1 :]
+        if child.workflow_id.startswith(workflow_id + "-") and suffix.isdigit():
+            index = int(suffix) - 1
+            if 0 <= index < total:
+                by_index[index] = child
+    return by_index
+
+
+def _step_row(index: int, child: WorkflowStatus | None) -> Step:
+    """Step ``index`` as its child workflow shows it; WAITING before it is enqueued."""
+    if child is None:
+        return Step(
+            index=index,
+            workflow_id=None,
+            status="WAITING",
+            executor_id=None,
+            enqueued_at=None,
+            started_at=None,
+            completed_at=None,
+            attempts=0,
+        )
+    return Step(
+        index=index,
+        workflow_id=child.workflow_id,
+        status=child.status,
+        executor_id=_ran_by(child),
+        enqueued_at=child.created_at,
+        started_at=child.dequeued_at,
+        completed_at=child.completed_at,
+        attempts=child.recovery_attempts or 0,
     )
-    api.add_api_route(
-        "/page/page.js",
-        _static("page.js", "text/javascript; charset=utf-8"),
-        methods=["GET"],
-        include_in_schema=False,
+
+
+async def _fan_out_steps(wf: WorkflowStatus, max_steps: int) -> FanOutSteps:
+    """The fan-out ``wf`` with a row per step (at most ``max_steps``)."""
+    children = await DBOS.list_workflows_async(
+        parent_workflow_id=wf.workflow_id, load_input=False, load_output=False
     )
-    api.add_api_route(
-        "/page/page.css",
-        _static("page.css", "text/css; charset=utf-8"),
-        methods=["GET"],
-        include_in_schema=False,
+    total = min(_int_arg(wf, 0) or len(children), max_steps)
+    by_index = _children_by_index(wf.workflow_id, children, total)
+    rows = [_step_row(index, by_index.get(index)) for index in range(total)]
+    return FanOutSteps(
+        **_fan_out_fields(wf),
+        attempts=wf.recovery_attempts or 0,
+        total=total,
+        done=sum(r.status == "SUCCESS" for r in rows),
+        rerun=sum(r.attempts > 1 for r in rows),
+        steps=rows,
     )
+
+
+def _slot_row(wf: WorkflowStatus, prefix: str) -> Slot:
+    return Slot(
+        workflow_id=wf.workflow_id,
+        scheduled_time=wf.workflow_id[len(prefix) :],
+        status=wf.status,
+        executor_id=_ran_by(wf),
+        created_at=wf.created_at,
+        started_at=wf.dequeued_at,
+        completed_at=wf.completed_at,
+    )
+
+
+def _add_static_routes(api: APIRouter) -> None:
+    """The page and its own files (kept out of the OpenAPI schema)."""
+    for path, name, media_type in (
+        ("/", "page.html", "text/html; charset=utf-8"),
+        ("/page/page.js", "page.js", "text/javascript; charset=utf-8"),
+        ("/page/page.css", "page.css", "text/css; charset=utf-8"),
+    ):
+        api.add_api_route(path, _static(name, media_type), methods=["GET"], include_in_schema=False)
 
     @api.get("/favicon.ico", include_in_schema=False, status_code=204)
     async def favicon() -> Response:
         return Response(status_code=204, headers=HEADERS)  # no icon; no 404 in the console
+
+
+def _add_fan_out_routes(api: APIRouter, name: str, max_steps: int) -> None:
+    """``/fanouts`` and ``/workflows/{id}/steps`` for the fan-out workflow ``name``."""
 
     @api.get("/fanouts", response_model=list[FanOut])
     async def fanouts(
@@ -155,19 +233,7 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
         found = await DBOS.list_workflows_async(
             name=name, sort_desc=True, limit=limit, load_input=True, load_output=False
         )
-        return [
-            FanOut(
-                workflow_id=wf.workflow_id,
-                status=wf.status,
-                executor_id=wf.executor_id,
-                created_at=wf.created_at,
-                completed_at=wf.completed_at,
-                steps=_int_arg(wf, 0),
-                max_n=_int_arg(wf, 1),
-                mode=_mode(wf),
-            )
-            for wf in found
-        ]
+        return [FanOut(**_fan_out_fields(wf), steps=_int_arg(wf, 0)) for wf in found]
 
     @api.get(
         "/workflows/{workflow_id}/steps",
@@ -180,73 +246,12 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
         """Each step of a fan-out: status, executor id, enqueue/start/end times (epoch
         ms) and attempts (how often it was dispatched: 2+ means it ran again after a
         recovery)."""
-        # Postgres text cannot hold NUL: no workflow has such an id.
-        found = (
-            []
-            if "\x00" in workflow_id
-            else await DBOS.list_workflows_async(
-                workflow_ids=[workflow_id], load_input=True, load_output=False
-            )
-        )
-        if not found or found[0].name != name:
-            raise HTTPException(404, f"no fan-out workflow with id {workflow_id!r}")
-        wf = found[0]
-        children = await DBOS.list_workflows_async(
-            parent_workflow_id=workflow_id, load_input=False, load_output=False
-        )
-        total = min(_int_arg(wf, 0) or len(children), max_steps)
-        by_index: dict[int, Any] = {}
-        for wf_child in children:
-            suffix = wf_child.workflow_id[len(workflow_id) + 1 :]
-            if wf_child.workflow_id.startswith(workflow_id + "-") and suffix.isdigit():
-                index = int(suffix) - 1
-                if 0 <= index < total:
-                    by_index[index] = wf_child
-        rows = []
-        for index in range(total):
-            child = by_index.get(index)
-            if child is None:
-                rows.append(
-                    Step(
-                        index=index,
-                        workflow_id=None,
-                        status="WAITING",
-                        executor_id=None,
-                        enqueued_at=None,
-                        started_at=None,
-                        completed_at=None,
-                        attempts=0,
-                    )
-                )
-                continue
-            rows.append(
-                Step(
-                    index=index,
-                    workflow_id=child.workflow_id,
-                    status=child.status,
-                    executor_id=child.executor_id
-                    if child.dequeued_at or child.completed_at
-                    else None,
-                    enqueued_at=child.created_at,
-                    started_at=child.dequeued_at,
-                    completed_at=child.completed_at,
-                    attempts=child.recovery_attempts or 0,
-                )
-            )
-        return FanOutSteps(
-            workflow_id=workflow_id,
-            status=wf.status,
-            executor_id=wf.executor_id,
-            created_at=wf.created_at,
-            completed_at=wf.completed_at,
-            attempts=wf.recovery_attempts or 0,
-            total=total,
-            max_n=_int_arg(wf, 1),
-            mode=_mode(wf),
-            done=sum(r.status == "SUCCESS" for r in rows),
-            rerun=sum(r.attempts > 1 for r in rows),
-            steps=rows,
-        )
+        wf = await find_workflow(workflow_id, name=name, what="fan-out workflow", load_output=False)
+        return await _fan_out_steps(wf, max_steps)
+
+
+def _add_slot_routes(api: APIRouter, prefix: str) -> None:
+    """``/schedule/slots`` for the schedule whose workflow ids start with ``prefix``."""
 
     @api.get("/schedule/slots", response_model=list[Slot])
     async def slots(
@@ -261,18 +266,15 @@ def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> API
             load_input=False,
             load_output=False,
         )
-        return [
-            Slot(
-                workflow_id=wf.workflow_id,
-                scheduled_time=wf.workflow_id[len(prefix) :],
-                status=wf.status,
-                # Until dequeued the row names the process that enqueued it, not a runner.
-                executor_id=wf.executor_id if wf.dequeued_at or wf.completed_at else None,
-                created_at=wf.created_at,
-                started_at=wf.dequeued_at,
-                completed_at=wf.completed_at,
-            )
-            for wf in found
-        ]
+        return [_slot_row(wf, prefix) for wf in found]
 
+
+def router(*, fan_out: Callable[..., Any], schedule: str, max_steps: int) -> APIRouter:
+    """The page's routes for the app whose fan-out workflow is ``fan_out`` (first two
+    inputs: steps, max_n; at most ``max_steps`` steps) and whose schedule is named
+    ``schedule``."""
+    api = APIRouter()
+    _add_static_routes(api)
+    _add_fan_out_routes(api, fan_out.__qualname__, max_steps)
+    _add_slot_routes(api, f"sched-{schedule}-")
     return api
