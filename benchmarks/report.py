@@ -68,7 +68,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _find(results: dict[str, Any], rid: str, db: str) -> dict[str, Any]:
     for row in results["rows"]:
         if row["id"] == rid and row["db"] == db:
-            return row
+            found: dict[str, Any] = row
+            return found
     raise KeyError(f"no row {rid} on {db} in the results")
 
 

@@ -163,7 +163,7 @@ def reason_of(content: bytes) -> str:
 def _matches(result: Any, expect: Any) -> bool:
     if isinstance(expect, dict):
         return isinstance(result, dict) and all(result.get(k) == v for k, v in expect.items())
-    return result == expect
+    return bool(result == expect)
 
 
 # --- one app under test ----------------------------------------------------------
@@ -740,7 +740,7 @@ def _bounds(openapi: dict[str, Any], path: str, name: str) -> tuple[Any, ...] | 
 
 def _allows(found: list[tuple[Any, ...]], value: Any) -> bool:
     if all(len(b) == 2 and not isinstance(b[0], str) for b in found):
-        return min(lo for lo, _ in found) <= value <= max(hi for _, hi in found)
+        return bool(min(lo for lo, _ in found) <= value <= max(hi for _, hi in found))
     return any(value in b for b in found)
 
 
