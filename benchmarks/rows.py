@@ -16,6 +16,7 @@ from benchmarks.core import Row, percentile, progress, run_probe
 from harness import REPO
 from harness.db import ScratchDatabases, query
 from harness.env import script_env
+from harness.measure import Sampler
 from harness.server import AppServer
 
 
@@ -30,7 +31,7 @@ class Sizes:
     log_workflows: int  # row 2: workflows per timed batch
     log_batches: int  # row 2: timed batches per process (the process's figure is their median)
     log_processes: int  # row 2: processes per side, alternating
-    fan_n: int  # row 3: trivial steps per fan-out (the issue's 50)
+    fan_n: int  # row 3: trivial steps per fan-out
     fan_repeats: int
     threads_units: int  # row 4b: CPU-bound units
     threads_seconds: float  # row 4b: CPU seconds of all units together
@@ -576,39 +577,27 @@ def _plain_pool(steps: int, max_n: int, size: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-class _HealthProbe:
+class _HealthProbe(Sampler):
     """``GET /healthz`` every ``every`` seconds at most (one at a time, on a connection of
     its own, in a thread) until stopped: the latency of each answer, whatever its status,
     while something else runs. Paced like a health checker, not a load test."""
 
     def __init__(self, base_url: str, every: float = 0.05) -> None:
-        import threading
-
         import httpx
 
-        self.every = every
+        super().__init__(every, join_timeout=60)
         self.samples: list[float] = []
         self.statuses: Counter[int] = Counter()
-        self._stop = threading.Event()
         self._client = httpx.Client(base_url=base_url, timeout=30)
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            status = self._client.get("/healthz").status_code
-            elapsed = time.perf_counter() - t0
-            self.samples.append(elapsed)
-            self.statuses[status] += 1
-            self._stop.wait(max(0.0, self.every - elapsed))
-
-    def __enter__(self) -> _HealthProbe:
-        self._thread.start()
-        return self
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        status = self._client.get("/healthz").status_code
+        self.samples.append(time.perf_counter() - t0)
+        self.statuses[status] += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
+        super().__exit__(*exc)
         self._client.close()
 
 
