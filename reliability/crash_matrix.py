@@ -83,7 +83,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness import REPO
 from harness.clients import ShutdownClient
@@ -111,11 +111,31 @@ MOMENTS_FAN = ("while enqueueing", "steps running", "steps done, fan-out not yet
 MOMENTS_SCOPE = ("in a step body", "between steps", "after finish")
 
 
+class _BodyRuns(Protocol):
+    @property
+    def runs(self) -> Counter[int]: ...
+    @property
+    def in_flight(self) -> set[int]: ...
+
+
+class _Reexecution:
+    """What both workloads' trials derive from how often each step body ran (``runs``)
+    and which bodies were in flight at the kill (``in_flight``)."""
+
+    @property
+    def reexecuted(self: _BodyRuns) -> set[int]:
+        return {i for i, n in self.runs.items() if n > 1}
+
+    @property
+    def reexecuted_not_in_flight(self: _BodyRuns) -> set[int]:
+        return {i for i, n in self.runs.items() if n > 1} - self.in_flight
+
+
 # --- the fan-out ---------------------------------------------------------------
 
 
 @dataclass
-class FanOutTrial:
+class FanOutTrial(_Reexecution):
     """One crashed fan-out: what was in the database at the kill, what came after."""
 
     index: int
@@ -140,14 +160,6 @@ class FanOutTrial:
     outputs_not_one: list[int] = field(default_factory=list)  # steps without 1 output
     duplicate_rows: int = 0
     error: str | None = None
-
-    @property
-    def reexecuted(self) -> set[int]:
-        return {i for i, n in self.runs.items() if n > 1}
-
-    @property
-    def reexecuted_not_in_flight(self) -> set[int]:
-        return self.reexecuted - self.in_flight
 
     @property
     def never_ran(self) -> set[int]:
@@ -356,7 +368,7 @@ def scope_outputs(db_url: str, workflow_id: str) -> Counter[int]:
 
 
 @dataclass
-class ScopeTrial:
+class ScopeTrial(_Reexecution):
     """One crashed scope.py run and the run that resumed it."""
 
     index: int
@@ -388,14 +400,6 @@ class ScopeTrial:
     @property
     def runs(self) -> Counter[int]:
         return Counter(self.first_steps) + Counter(self.second_steps)
-
-    @property
-    def reexecuted(self) -> set[int]:
-        return {i for i, n in self.runs.items() if n > 1}
-
-    @property
-    def reexecuted_not_in_flight(self) -> set[int]:
-        return self.reexecuted - self.in_flight
 
     @property
     def outputs_not_one(self) -> list[int]:
