@@ -436,15 +436,10 @@ class ScopeTrial(_Reexecution):
         )
 
 
-def _scope_command(steps: int, step_seconds: float) -> list[str]:
-    return [
-        sys.executable,
-        str(REPO / "scope.py"),
-        "--steps",
-        str(steps),
-        "--step-seconds",
-        str(step_seconds),
-    ]
+def _scope_command(trial: ScopeTrial) -> list[str]:
+    """scope.py with the trial's flags (both runs of a trial use the same)."""
+    flags = ["--steps", str(trial.steps), "--step-seconds", str(trial.step_seconds)]
+    return [sys.executable, str(REPO / "scope.py"), *flags]
 
 
 def scope_trial(
@@ -478,7 +473,7 @@ def _kill_scope(trial: ScopeTrial, env: dict[str, str], scratch: Path) -> None:
     out1 = scratch / "first.out"
     with open(out1, "wb") as stdout, open(scratch / "first.err", "wb") as stderr:
         proc = subprocess.Popen(
-            _scope_command(trial.steps, trial.step_seconds),
+            _scope_command(trial),
             env=env,
             cwd=REPO,
             stdout=stdout,
@@ -525,13 +520,9 @@ def _resume_scope(trial: ScopeTrial, env: dict[str, str], scratch: Path) -> None
     """Run scope.py again with the same flags: ignored when it resumes, a fresh run only
     if there is nothing to resume (which would be a finding)."""
     try:
+        command = _scope_command(trial)
         second = subprocess.run(
-            _scope_command(trial.steps, trial.step_seconds),
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120
         )
         (scratch / "second.out").write_text(second.stdout)
         trial.second_returncode = second.returncode
