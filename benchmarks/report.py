@@ -18,14 +18,14 @@ where ``{{...}}`` placeholders stand for figures of the JSON:
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks.core import _fmt_ratio as fmt_ratio
 from benchmarks.core import fmt_seconds
-from harness.report import markdown_table, readme_main, written_for
+from harness.measure import fill_placeholders
+from harness.report import markdown_table, readme_main
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "results.json"
@@ -68,7 +68,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _find(results: dict[str, Any], rid: str, db: str) -> dict[str, Any]:
     for row in results["rows"]:
         if row["id"] == rid and row["db"] == db:
-            return row
+            found: dict[str, Any] = row
+            return found
     raise KeyError(f"no row {rid} on {db} in the results")
 
 
@@ -129,10 +130,7 @@ def missed(results: dict[str, Any]) -> str:
 
 
 def render(results: dict[str, Any], template: str) -> str:
-    run_date = str(results.get("generated_at", ""))[:10]
-
-    def replace(match: re.Match[str]) -> str:
-        words = match.group(1).split()
+    def answer(words: list[str]) -> str | None:
         kind, args = words[0], words[1:]
         if kind == "run":
             return run_line(results)
@@ -145,11 +143,10 @@ def render(results: dict[str, Any], template: str) -> str:
         if kind == "detail" and len(args) in (3, 4):
             spec = args[3] if len(args) == 4 else None
             return _detail(_find(results, args[0], args[1]), args[2], spec)
-        if kind == "written-for" and len(args) == 1:
-            return written_for(args[0], run_date)
-        raise ValueError(f"unknown placeholder {match.group(0)!r}")
+        return None
 
-    return HEADER + re.sub(r"\{\{(.+?)\}\}", replace, template)
+    run_date = str(results.get("generated_at", ""))[:10]
+    return fill_placeholders(HEADER, template, run_date, answer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,16 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from benchmarks import shutdown_runs
 from benchmarks.core import Row, percentile, progress, run_probe
 from harness import REPO
 from harness.db import ScratchDatabases, query
 from harness.env import script_env
+from harness.measure import Sampler
+from harness.server import AppServer
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Sizes:
     log_workflows: int  # row 2: workflows per timed batch
     log_batches: int  # row 2: timed batches per process (the process's figure is their median)
     log_processes: int  # row 2: processes per side, alternating
-    fan_n: int  # row 3: trivial steps per fan-out (the issue's 50)
+    fan_n: int  # row 3: trivial steps per fan-out
     fan_repeats: int
     threads_units: int  # row 4b: CPU-bound units
     threads_seconds: float  # row 4b: CPU seconds of all units together
@@ -315,6 +318,7 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
         f"{kind}: 4b CPU-bound: {units} × fib({n}), one process: {limit}-way queue vs sequential"
     )
     poll = shutdown_settings.polling_interval
+    busy = s.convoy_threads or shutdown_settings.queue_concurrency
     r = run_probe(
         "threads",
         url,
@@ -323,7 +327,7 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
             "fib": n,
             "repeats": s.threads_repeats,
             "enqueues": s.convoy_enqueues,
-            "busy_threads": s.convoy_threads or shutdown_settings.queue_concurrency,
+            "busy_threads": busy,
             # Each busy thread's unit of work: a step of the demo's default fan-out
             # computes up to fib(30); a smaller unit keeps the threads turning over.
             "busy_fib": 24 if s.convoy_threads is None else 18,
@@ -335,6 +339,13 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
             },
         },
     )
+    return _threads_rows(kind, r, units, n, limit, busy)
+
+
+def _threads_rows(
+    kind: str, r: dict[str, Any], units: int, n: int, limit: int, busy: int
+) -> list[Row]:
+    """Rows 4b, 4d and 4e from the ``threads`` probe's timings."""
     row = Row(
         "4b",
         f"CPU-bound fan-out in one process ({units} × fib({n})): sequential vs {limit}-way queue "
@@ -347,7 +358,6 @@ def row_threads(ctx: Context, kind: str) -> list[Row]:
         row.add(seq, thr)
     row.target_text = "≈ 1.0 expected (the GIL)"
     row.details["fib"] = n
-    busy = s.convoy_threads or shutdown_settings.queue_concurrency
     pooled = Row(
         "4d",
         f"one enqueue while {busy} step threads wait on the demo's process pool "
@@ -567,39 +577,27 @@ def _plain_pool(steps: int, max_n: int, size: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-class _HealthProbe:
+class _HealthProbe(Sampler):
     """``GET /healthz`` every ``every`` seconds at most (one at a time, on a connection of
     its own, in a thread) until stopped: the latency of each answer, whatever its status,
     while something else runs. Paced like a health checker, not a load test."""
 
     def __init__(self, base_url: str, every: float = 0.05) -> None:
-        import threading
-
         import httpx
 
-        self.every = every
+        super().__init__(every, join_timeout=60)
         self.samples: list[float] = []
         self.statuses: Counter[int] = Counter()
-        self._stop = threading.Event()
         self._client = httpx.Client(base_url=base_url, timeout=30)
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            status = self._client.get("/healthz").status_code
-            elapsed = time.perf_counter() - t0
-            self.samples.append(elapsed)
-            self.statuses[status] += 1
-            self._stop.wait(max(0.0, self.every - elapsed))
-
-    def __enter__(self) -> _HealthProbe:
-        self._thread.start()
-        return self
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        status = self._client.get("/healthz").status_code
+        self.samples.append(time.perf_counter() - t0)
+        self.statuses[status] += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
+        super().__exit__(*exc)
         self._client.close()
 
 
@@ -671,60 +669,38 @@ def _cpu_bound(row: Row, used: dict[str, float], plain: float, cores: int) -> No
     row.details.setdefault("plain_vs_cpu_floor", []).append(round(plain / floor, 3))
 
 
-def row_pool(ctx: Context, kind: str) -> list[Row]:
-    """The demo's default fan-out with the process pool against threads, against the
-    machine's ceiling, across two workers, and what it leaves of the service's answers."""
-    from shutdown.pool import usable_cores
-
-    s = ctx.sizes
-    app = shutdown_runs.fastapi_scope_shutdown
-    steps, max_n = s.pool_fan_out or (app.DEFAULT_STEPS, app.DEFAULT_MAX_N)
-    cores = usable_cores()
+def _pool_rows(kind: str, steps: int, max_n: int, cores: int) -> dict[str, Row]:
+    """Rows 8a-8f with their targets, before anything is measured."""
     cpu = shutdown_runs.fan_out_cpu_seconds(steps, max_n)
     what = f"{steps} steps, max_n {max_n}, ~{cpu:.1f} CPU-s"
-    rows = {
-        "8a": Row(
-            "8a",
+    titles = {
+        "8a": (
             f"default fan-out ({what}) in one server process: threads vs process pool "
             f"({cores} processes)",
-            kind,
             "threads",
             "pool",
         ),
-        "8b": Row(
-            "8b",
+        "8b": (
             f"the same fib calls on a plain multiprocessing pool ({cores} processes, no DBOS) "
             "vs the demo's pool, one server process",
-            kind,
             "plain",
             "demo",
         ),
-        "8c": Row(
-            "8c",
+        "8c": (
             "the same fib calls on a plain multiprocessing pool vs the demo's pool, WORKERS=2",
-            kind,
             "plain",
             "demo",
         ),
-        "8d": Row(
-            "8d",
+        "8d": (
             "WORKERS=2 with the pool: the smaller worker's steps vs all steps (step rows' "
             "executor_id)",
-            kind,
             "fewer",
             "all",
         ),
-        "8e": Row(
-            "8e",
-            "GET /healthz p95 while the fan-out runs vs idle: process pool",
-            kind,
-            "busy",
-            "idle",
-        ),
-        "8f": Row(
-            "8f", "GET /healthz p95 while the fan-out runs vs idle: threads", kind, "busy", "idle"
-        ),
+        "8e": ("GET /healthz p95 while the fan-out runs vs idle: process pool", "busy", "idle"),
+        "8f": ("GET /healthz p95 while the fan-out runs vs idle: threads", "busy", "idle"),
     }
+    rows = {rid: Row(rid, text, kind, a, b) for rid, (text, a, b) in titles.items()}
     for rid, (op, target, text) in {
         "8a": (">=", 1.6, "≥ 1.6"),
         "8b": (">=", 0.75, "≥ 0.75"),
@@ -741,83 +717,139 @@ def row_pool(ctx: Context, kind: str) -> list[Row]:
             "on SQLite, whose created_at has whole seconds: trigger sent → fan-out done); "
             "plain pool: the map call, processes already up"
         )
-    two_workers = kind == "postgres"
-    dbs = {1: ctx.fresh_db(kind, "pool1")}
-    one = shutdown_runs.server(dbs[1], workers=1, log_dir=ctx.dbs.directory)
-    servers = [one]
-    if two_workers:
-        dbs[2] = ctx.fresh_db(kind, "pool2")
-        servers.append(shutdown_runs.server(dbs[2], workers=2, log_dir=ctx.dbs.directory))
-    try:
-        for server in servers:
-            server.start()
-        time.sleep(1)  # every worker's queue poller is up
-        shutdown_runs.run_fan_out(one, dbs[1], 10, 10)  # warm: connections, the pool's first tasks
-        idle = _healthz_idle(one.base_url, s.health_idle)
-        for i in range(s.pool_repeats):
-            spans: dict[str, float] = {}
-            health: dict[str, list[float]] = {}
-            modes = ("process", "thread") if i % 2 == 0 else ("thread", "process")
-            for mode in modes:
-                progress(f"{kind}: 8 one server process, executor={mode}, run {i + 1}")
-                assert one.proc is not None
-                meter = _CpuMeter(one.proc.pid, dbs[1], kind)
-                before = meter.read()
-                run = shutdown_runs.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
-                after = meter.read()
-                rows["8a"].details.setdefault(f"cpu_seconds_{mode}", []).append(
-                    {g: round(after[g] - before[g], 3) for g in after}
+    return rows
+
+
+@dataclass
+class _PoolRun:
+    """Row 8's servers and what one repetition needs: the one-process server (``one``),
+    on Postgres also a WORKERS=2 server (``two``), each on a database of its own."""
+
+    kind: str
+    steps: int
+    max_n: int
+    cores: int
+    rows: dict[str, Row]
+    one: AppServer
+    one_db: str
+    two: AppServer | None = None
+    two_db: str = ""
+    idle: list[float] = field(default_factory=list)
+
+    def metered_fan_out(
+        self, server: AppServer, db_url: str, mode: str, workers: int = 1
+    ) -> tuple[shutdown_runs.FanOut, dict[str, float]]:
+        """One fan-out and the CPU seconds it cost each group of processes."""
+        assert server.proc is not None
+        meter = _CpuMeter(server.proc.pid, db_url, self.kind, workers=workers)
+        before = meter.read()
+        run = shutdown_runs.run_fan_out(server, db_url, self.steps, self.max_n, executor=mode)
+        after = meter.read()
+        return run, {g: round(after[g] - before[g], 3) for g in after}
+
+    def one_process(self, i: int, modes: tuple[str, str]) -> dict[str, float]:
+        """Each mode's fan-out span on the one-process server."""
+        spans: dict[str, float] = {}
+        for mode in modes:
+            progress(f"{self.kind}: 8 one server process, executor={mode}, run {i + 1}")
+            run, used = self.metered_fan_out(self.one, self.one_db, mode)
+            self.rows["8a"].details.setdefault(f"cpu_seconds_{mode}", []).append(used)
+            # SQLite stamps created_at in whole seconds: there, trigger → done.
+            spans[mode] = run.span if self.kind == "postgres" else run.wall
+        return spans
+
+    def health_during(self, i: int, modes: tuple[str, str]) -> dict[str, list[float]]:
+        """/healthz latencies while each mode's fan-out runs."""
+        health: dict[str, list[float]] = {}
+        for mode in modes:
+            # A fan-out of its own: the probe's requests are not in the spans above.
+            progress(f"{self.kind}: 8 /healthz during a fan-out, executor={mode}, run {i + 1}")
+            with _HealthProbe(self.one.base_url) as probe:
+                shutdown_runs.run_fan_out(
+                    self.one, self.one_db, self.steps, self.max_n, executor=mode
                 )
-                # SQLite stamps created_at in whole seconds: there, trigger → done.
-                spans[mode] = run.span if kind == "postgres" else run.wall
-            for mode in modes:
-                # A fan-out of its own: the probe's requests are not in the spans above.
-                progress(f"{kind}: 8 /healthz during a fan-out, executor={mode}, run {i + 1}")
-                with _HealthProbe(one.base_url) as probe:
-                    shutdown_runs.run_fan_out(one, dbs[1], steps, max_n, executor=mode)
-                health[mode] = probe.samples
-                rows["8e" if mode == "process" else "8f"].details.setdefault("statuses", []).append(
-                    dict(probe.statuses)
-                )
-            progress(f"{kind}: 8 plain multiprocessing pool, run {i + 1}")
-            plain = _plain_pool(steps, max_n, cores)
-            rows["8a"].add(spans["thread"], spans["process"])
-            rows["8b"].add(plain, spans["process"])
-            _cpu_bound(rows["8b"], rows["8a"].details["cpu_seconds_process"][-1], plain, cores)
-            p95_idle = percentile(idle, 95)
-            rows["8e"].add(percentile(health["process"], 95), p95_idle)
-            rows["8f"].add(percentile(health["thread"], 95), p95_idle)
-            for rid, mode in (("8e", "process"), ("8f", "thread")):
-                rows[rid].details.setdefault("samples_busy", []).append(len(health[mode]))
-            if two_workers:
-                progress(f"{kind}: 8 WORKERS=2, executor=process, run {i + 1}")
-                assert servers[1].proc is not None
-                meter = _CpuMeter(servers[1].proc.pid, dbs[2], kind, workers=2)
-                before = meter.read()
-                run2 = shutdown_runs.run_fan_out(
-                    servers[1], dbs[2], steps, max_n, executor="process"
-                )
-                after = meter.read()
-                rows["8c"].add(plain, run2.span)  # Postgres only
-                used2 = {g: round(after[g] - before[g], 3) for g in after}
-                rows["8c"].details.setdefault("cpu_seconds", []).append(used2)
-                _cpu_bound(rows["8c"], used2, plain, cores)
-                counts = sorted(run2.per_executor.values())
-                fewer = counts[0] if len(counts) == 2 else 0
-                rows["8d"].add(float(max(fewer, 1e-9)), float(steps))
-                rows["8d"].details.setdefault("steps_per_executor", []).append(run2.per_executor)
-    finally:
-        for server in servers:
-            server.close()
-    rows["8e"].details["idle_samples"] = len(idle)
+            health[mode] = probe.samples
+            self.rows["8e" if mode == "process" else "8f"].details.setdefault(
+                "statuses", []
+            ).append(dict(probe.statuses))
+        return health
+
+    def two_workers(self, i: int, plain: float) -> None:
+        """Rows 8c and 8d: the pool's fan-out on the WORKERS=2 server."""
+        assert self.two is not None
+        progress(f"{self.kind}: 8 WORKERS=2, executor=process, run {i + 1}")
+        run2, used2 = self.metered_fan_out(self.two, self.two_db, "process", workers=2)
+        self.rows["8c"].add(plain, run2.span)  # Postgres only
+        self.rows["8c"].details.setdefault("cpu_seconds", []).append(used2)
+        _cpu_bound(self.rows["8c"], used2, plain, self.cores)
+        counts = sorted(run2.per_executor.values())
+        fewer = counts[0] if len(counts) == 2 else 0
+        self.rows["8d"].add(float(max(fewer, 1e-9)), float(self.steps))
+        self.rows["8d"].details.setdefault("steps_per_executor", []).append(run2.per_executor)
+
+    def repetition(self, i: int) -> None:
+        """One of row 8's repetitions; the modes alternate which goes first."""
+        rows = self.rows
+        modes = ("process", "thread") if i % 2 == 0 else ("thread", "process")
+        spans = self.one_process(i, modes)
+        health = self.health_during(i, modes)
+        progress(f"{self.kind}: 8 plain multiprocessing pool, run {i + 1}")
+        plain = _plain_pool(self.steps, self.max_n, self.cores)
+        rows["8a"].add(spans["thread"], spans["process"])
+        rows["8b"].add(plain, spans["process"])
+        _cpu_bound(rows["8b"], rows["8a"].details["cpu_seconds_process"][-1], plain, self.cores)
+        p95_idle = percentile(self.idle, 95)
+        rows["8e"].add(percentile(health["process"], 95), p95_idle)
+        rows["8f"].add(percentile(health["thread"], 95), p95_idle)
+        for rid, mode in (("8e", "process"), ("8f", "thread")):
+            rows[rid].details.setdefault("samples_busy", []).append(len(health[mode]))
+        if self.two is not None:
+            self.two_workers(i, plain)
+
+
+def _pool_summary(run: _PoolRun) -> list[Row]:
+    """Row 8's medians; 8c and 8d shown as skipped where WORKERS=2 did not run."""
+    rows = run.rows
+    rows["8e"].details["idle_samples"] = len(run.idle)
     for rid in ("8b", "8c"):
         bounds = rows[rid].details.get("plain_vs_cpu_floor")
         if bounds:
             rows[rid].details["bound"] = round(statistics.median(bounds), 2)
-    if not two_workers:
+    if run.two is None:
         for rid in ("8c", "8d"):
-            rows[rid] = Row(rid, rows[rid].what, kind, skipped="needs Postgres (WORKERS=2)")
+            rows[rid] = Row(rid, rows[rid].what, run.kind, skipped="needs Postgres (WORKERS=2)")
     return list(rows.values())
+
+
+def row_pool(ctx: Context, kind: str) -> list[Row]:
+    """The demo's default fan-out with the process pool against threads, against the
+    machine's ceiling, across two workers, and what it leaves of the service's answers."""
+    from shutdown.pool import usable_cores
+
+    s = ctx.sizes
+    demo = shutdown_runs.settings()
+    steps, max_n = s.pool_fan_out or (demo.default_steps, demo.default_max_n)
+    cores = usable_cores()
+    rows = _pool_rows(kind, steps, max_n, cores)
+    one_db = ctx.fresh_db(kind, "pool1")
+    one = shutdown_runs.server(one_db, workers=1, log_dir=ctx.dbs.directory)
+    run = _PoolRun(kind, steps, max_n, cores, rows, one, one_db)
+    if kind == "postgres":
+        run.two_db = ctx.fresh_db(kind, "pool2")
+        run.two = shutdown_runs.server(run.two_db, workers=2, log_dir=ctx.dbs.directory)
+    servers = [one] if run.two is None else [one, run.two]
+    try:
+        for server in servers:
+            server.start()
+        time.sleep(1)  # every worker's queue poller is up
+        shutdown_runs.run_fan_out(one, one_db, 10, 10)  # warm: connections, the pool's first tasks
+        run.idle = _healthz_idle(one.base_url, s.health_idle)
+        for i in range(s.pool_repeats):
+            run.repetition(i)
+    finally:
+        for server in servers:
+            server.close()
+    return _pool_summary(run)
 
 
 # Row groups: id, databases it runs on, function, and its rows (id, title) for when a

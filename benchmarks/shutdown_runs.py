@@ -25,6 +25,7 @@ from harness.db import query, workflow_status
 from harness.env import script_env
 from harness.fanout import child_index, shutdown_server
 from harness.server import AppServer
+from shutdown.fib import fib
 
 # Row 5's server: the demo's own app with one extra no-op route (benchmarks/http_app.py).
 BENCH_APP = http_app.__name__
@@ -41,6 +42,8 @@ class Settings:
     result_poll: float  # how often the demo's fan-out checks its children (same constant)
     max_steps: int
     max_max_n: int
+    default_steps: int  # a fan-out's size when the request does not say
+    default_max_n: int
 
 
 @functools.cache
@@ -55,6 +58,8 @@ def settings() -> Settings:
         result_poll=float(demo.QUEUE_POLLING_SEC),
         max_steps=int(demo.MAX_STEPS),
         max_max_n=int(demo.MAX_MAX_N),
+        default_steps=int(demo.DEFAULT_STEPS),
+        default_max_n=int(demo.DEFAULT_MAX_N),
     )
 
 
@@ -64,7 +69,6 @@ def settings() -> Settings:
 @functools.cache
 def fib_seconds(n: int) -> float:
     """Seconds the demo's own naive ``fib(n)`` takes here (best of 3, after a warm-up)."""
-    fib = fastapi_scope_shutdown.fib
     fib(n)
     best = float("inf")
     for _ in range(3):
@@ -218,22 +222,31 @@ def wait_done(db_url: str, workflow_id: str, timeout: float, interval: float = 0
 
 
 def children_done(db_url: str, workflow_id: str) -> int:
-    return query(
-        db_url,
-        "SELECT COUNT(*) FROM dbos.workflow_status WHERE parent_workflow_id = %s "
-        "AND status = 'SUCCESS'",
-        workflow_id,
-    )[0][0]
+    return int(
+        query(
+            db_url,
+            "SELECT COUNT(*) FROM dbos.workflow_status WHERE parent_workflow_id = %s "
+            "AND status = 'SUCCESS'",
+            workflow_id,
+        )[0][0]
+    )
 
 
-def fan_out_span(db_url: str, workflow_id: str) -> float:
+def _children_span(db_url: str, workflow_id: str, end: str) -> float:
+    """Seconds from the first step's ``created_at`` to the latest ``end`` stamp of a
+    fan-out's steps (``end`` is a column name, never user input)."""
     (first, last) = query(
         db_url,
-        "SELECT MIN(created_at), MAX(completed_at) FROM dbos.workflow_status "
+        f"SELECT MIN(created_at), MAX({end}) FROM dbos.workflow_status "
         "WHERE parent_workflow_id = %s",
         workflow_id,
     )[0]
     return (int(last) - int(first)) / 1000
+
+
+def fan_out_span(db_url: str, workflow_id: str) -> float:
+    """First step enqueued → last step completed."""
+    return _children_span(db_url, workflow_id, "completed_at")
 
 
 def child_statuses(db_url: str, workflow_id: str) -> list[tuple[int, str]]:
@@ -250,13 +263,8 @@ def child_statuses(db_url: str, workflow_id: str) -> list[tuple[int, str]]:
 
 
 def enqueue_span(db_url: str, workflow_id: str) -> float:
-    (first, last) = query(
-        db_url,
-        "SELECT MIN(created_at), MAX(created_at) FROM dbos.workflow_status "
-        "WHERE parent_workflow_id = %s",
-        workflow_id,
-    )[0]
-    return (int(last) - int(first)) / 1000
+    """First step enqueued → last step enqueued."""
+    return _children_span(db_url, workflow_id, "created_at")
 
 
 def executors(db_url: str, workflow_id: str) -> dict[str, int]:

@@ -132,14 +132,23 @@ def draw_side_by_side(
 
 def _draw_panel(record: FanOutRecord, title: str, limit: int | None, top: Any, bottom: Any) -> None:
     import matplotlib.pyplot as plt
+
+    executors = sorted({u.executor for u in record.units} | {x for _, x in record.scheduled})
+    palette = plt.get_cmap("tab10")
+    colour = {x: palette(i % 10) for i, x in enumerate(executors)}
+    _draw_steps(record, title, top, executors, colour)
+    _draw_running(record, limit, bottom, executors, colour)
+
+
+def _draw_steps(
+    record: FanOutRecord, title: str, top: Any, executors: list[str], colour: dict[str, Any]
+) -> None:
+    """The top panel: one bar per step workflow, from its start to its end."""
     from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     t0 = record.created
-    executors = sorted({u.executor for u in record.units} | {x for _, x in record.scheduled})
-    palette = plt.get_cmap("tab10")
-    colour = {x: palette(i % 10) for i, x in enumerate(executors)}
     n = len(record.units)
     bar_height = 0.8 if n <= 60 else 1.0
     for i, u in enumerate(record.units):
@@ -169,8 +178,19 @@ def _draw_panel(record: FanOutRecord, title: str, limit: int | None, top: Any, b
         Line2D([], [], color="black", lw=1, label="fan-out workflow done"),
     ]
     top.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    top.grid(axis="x", alpha=0.3)
 
-    # Running at once, per executor, stacked: the queue's limit is the dashed line.
+
+def _draw_running(
+    record: FanOutRecord,
+    limit: int | None,
+    bottom: Any,
+    executors: list[str],
+    colour: dict[str, Any],
+) -> None:
+    """The bottom panel: steps running at once, per executor, stacked; the queue's limit
+    is the dashed line."""
+    t0 = record.created
     events = sorted(
         {u.started - t0 for u in record.units if u.started}
         | {u.completed - t0 for u in record.units if u.completed}
@@ -201,7 +221,6 @@ def _draw_panel(record: FanOutRecord, title: str, limit: int | None, top: Any, b
     bottom.set_ylabel("steps running")
     bottom.set_xlabel("seconds since the fan-out workflow was created")
     bottom.grid(axis="y", alpha=0.3)
-    top.grid(axis="x", alpha=0.3)
 
 
 def run_and_draw(

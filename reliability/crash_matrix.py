@@ -83,7 +83,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness import REPO
 from harness.clients import ShutdownClient
@@ -111,11 +111,31 @@ MOMENTS_FAN = ("while enqueueing", "steps running", "steps done, fan-out not yet
 MOMENTS_SCOPE = ("in a step body", "between steps", "after finish")
 
 
+class _BodyRuns(Protocol):
+    @property
+    def runs(self) -> Counter[int]: ...
+    @property
+    def in_flight(self) -> set[int]: ...
+
+
+class _Reexecution:
+    """What both workloads' trials derive from how often each step body ran (``runs``)
+    and which bodies were in flight at the kill (``in_flight``)."""
+
+    @property
+    def reexecuted(self: _BodyRuns) -> set[int]:
+        return {i for i, n in self.runs.items() if n > 1}
+
+    @property
+    def reexecuted_not_in_flight(self: _BodyRuns) -> set[int]:
+        return {i for i, n in self.runs.items() if n > 1} - self.in_flight
+
+
 # --- the fan-out ---------------------------------------------------------------
 
 
 @dataclass
-class FanOutTrial:
+class FanOutTrial(_Reexecution):
     """One crashed fan-out: what was in the database at the kill, what came after."""
 
     index: int
@@ -140,14 +160,6 @@ class FanOutTrial:
     outputs_not_one: list[int] = field(default_factory=list)  # steps without 1 output
     duplicate_rows: int = 0
     error: str | None = None
-
-    @property
-    def reexecuted(self) -> set[int]:
-        return {i for i, n in self.runs.items() if n > 1}
-
-    @property
-    def reexecuted_not_in_flight(self) -> set[int]:
-        return self.reexecuted - self.in_flight
 
     @property
     def never_ran(self) -> set[int]:
@@ -210,6 +222,17 @@ def calibrate_fan_out(ctx: Context, steps: int = FAN_STEPS, max_n: int = FAN_MAX
     )
 
 
+def _trial_start(
+    ctx: Context, workload: str, index: int, seed: int
+) -> tuple[random.Random, str, Path]:
+    """A crash trial's random draws (``Random(seed)``), fresh database and scratch folder."""
+    return (
+        random.Random(seed),
+        ctx.fresh_db(f"crash_{workload}_{index}"),
+        ctx.scratch(f"crash-{workload}-{index}"),
+    )
+
+
 def fan_out_trial(
     ctx: Context,
     index: int,
@@ -220,22 +243,29 @@ def fan_out_trial(
     max_n: int = FAN_MAX_N,
 ) -> FanOutTrial:
     """Trigger the fan-out, SIGKILL the server at a random moment, restart, check."""
-    rng = random.Random(seed)
-    db_url = ctx.fresh_db(f"crash_fan_{index}")
-    scratch = ctx.scratch(f"crash-fan-{index}")
+    rng, db_url, scratch = _trial_start(ctx, "fan", index, seed)
     trial = FanOutTrial(index, seed, steps, max_n, db_url, forced)
+    _kill_fan_out(trial, rng, window, scratch)
+    _fan_out_at_kill(trial, scratch / "ledger.txt")
+    _restart_fan_out(trial, scratch)
+    return trial
+
+
+def _kill_fan_out(trial: FanOutTrial, rng: random.Random, window: float, scratch: Path) -> None:
+    """Start a server, trigger the fan-out and SIGKILL the server at the trial's moment."""
     ledger = scratch / "ledger.txt"
-    first = _fan_server(db_url, scratch, "first")
+    first = _fan_server(trial.db_url, scratch, "first")
     try:
         first.start(ready_timeout=90)
-        trial.workflow_id = workflow_id = _trigger(first, steps, max_n)
+        trial.workflow_id = workflow_id = _trigger(first, trial.steps, trial.max_n)
         triggered = time.monotonic()
-        if forced:
+        if trial.forced:
             # Some big step bodies started (the ledger: handed to the process pool), then a
             # short random extra delay: the pool computes them a few at a time, so they are
             # still running.
             # (A PENDING status alone is not enough: on a loaded machine a dequeued step's
             # thread can take seconds to reach the body.)
+            max_n = trial.max_n
             wait_for(
                 lambda: sum(i >= max_n for i in ledger_runs(ledger, workflow_id)) >= FORCED_RUNNING,
                 90,
@@ -252,7 +282,10 @@ def fan_out_trial(
     finally:
         first.close()
 
-    # The process is dead: what it committed is all there is.
+
+def _fan_out_at_kill(trial: FanOutTrial, ledger: Path) -> None:
+    """What the killed process had committed (all there is), and the moment it names."""
+    db_url, workflow_id = trial.db_url, trial.workflow_id
     at_kill = children(db_url, workflow_id)
     trial.parent_status_at_kill = workflow_status(db_url, workflow_id)
     trial.enqueued_at_kill = len(at_kill)
@@ -261,20 +294,25 @@ def fan_out_trial(
     trial.ran_before_kill = ledger_runs(ledger, workflow_id)
     if trial.parent_status_at_kill == "SUCCESS":
         trial.moment = "after finish"
-    elif trial.enqueued_at_kill < steps:
+    elif trial.enqueued_at_kill < trial.steps:
         trial.moment = "while enqueueing"
-    elif len(trial.done_at_kill) < steps:
+    elif len(trial.done_at_kill) < trial.steps:
         trial.moment = "steps running"
     else:
         # Every step finished, the fan-out had not collected their results yet.
         trial.moment = "steps done, fan-out not yet"
 
+
+def _restart_fan_out(trial: FanOutTrial, scratch: Path) -> None:
+    """A new server on the same database: wait for the fan-out to end, then read its
+    result, its children, the recorded outputs and the ledger."""
+    db_url, workflow_id = trial.db_url, trial.workflow_id
     second = _fan_server(db_url, scratch, "second")
     try:
         second.start(ready_timeout=90)
         _wait_success(db_url, workflow_id, FINISH_TIMEOUT)
         trial.finished = True
-        trial.result_ok = _result(second, workflow_id) == fan_out_result(steps, max_n)
+        trial.result_ok = _result(second, workflow_id) == fan_out_result(trial.steps, trial.max_n)
     except Exception as exc:  # noqa: BLE001 - a failed restart is a finding, not a crash
         trial.error = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:
@@ -284,8 +322,7 @@ def fan_out_trial(
     trial.children_count = len(after)
     trial.outputs_not_one = sorted(i for i, c in after.items() if c["outputs"] != 1)
     trial.duplicate_rows = duplicate_outputs(db_url)
-    trial.runs = ledger_runs(ledger, workflow_id)
-    return trial
+    trial.runs = ledger_runs(scratch / "ledger.txt", workflow_id)
 
 
 def fan_out_trials(
@@ -331,7 +368,7 @@ def scope_outputs(db_url: str, workflow_id: str) -> Counter[int]:
 
 
 @dataclass
-class ScopeTrial:
+class ScopeTrial(_Reexecution):
     """One crashed scope.py run and the run that resumed it."""
 
     index: int
@@ -363,14 +400,6 @@ class ScopeTrial:
     @property
     def runs(self) -> Counter[int]:
         return Counter(self.first_steps) + Counter(self.second_steps)
-
-    @property
-    def reexecuted(self) -> set[int]:
-        return {i for i, n in self.runs.items() if n > 1}
-
-    @property
-    def reexecuted_not_in_flight(self) -> set[int]:
-        return self.reexecuted - self.in_flight
 
     @property
     def outputs_not_one(self) -> list[int]:
@@ -407,15 +436,10 @@ class ScopeTrial:
         )
 
 
-def _scope_command(steps: int, step_seconds: float) -> list[str]:
-    return [
-        sys.executable,
-        str(REPO / "scope.py"),
-        "--steps",
-        str(steps),
-        "--step-seconds",
-        str(step_seconds),
-    ]
+def _scope_command(trial: ScopeTrial) -> list[str]:
+    """scope.py with the trial's flags (both runs of a trial use the same)."""
+    flags = ["--steps", str(trial.steps), "--step-seconds", str(trial.step_seconds)]
+    return [sys.executable, str(REPO / "scope.py"), *flags]
 
 
 def scope_trial(
@@ -427,18 +451,29 @@ def scope_trial(
     step_seconds: float = SCOPE_STEP_SECONDS,
 ) -> ScopeTrial:
     """Run scope.py, SIGKILL it after a random step line, run it again, check."""
-    rng = random.Random(seed)
-    db_url = ctx.fresh_db(f"crash_scope_{index}")
-    scratch = ctx.scratch(f"crash-scope-{index}")
+    rng, db_url, scratch = _trial_start(ctx, "scope", index, seed)
     trial = ScopeTrial(index, seed, steps, step_seconds, db_url)
     # The first trial never waits for the last step line: its kill lands mid-workflow.
     trial.kill_after_line = rng.randint(1, steps - 1 if forced else steps)
     trial.extra_delay = rng.uniform(0, step_seconds)
     env = script_env(db_url)
+    _kill_scope(trial, env, scratch)
+    _scope_at_kill(trial, scratch / "first.out")
+    if trial.moment != "after finish":
+        _resume_scope(trial, env, scratch)
+    trial.final_status = workflow_status(db_url, trial.workflow_id)
+    trial.outputs = scope_outputs(db_url, trial.workflow_id)
+    trial.duplicate_rows = duplicate_outputs(db_url)
+    return trial
+
+
+def _kill_scope(trial: ScopeTrial, env: dict[str, str], scratch: Path) -> None:
+    """Run scope.py until its ``kill_after_line``-th step line, wait the extra delay,
+    SIGKILL its process group."""
     out1 = scratch / "first.out"
     with open(out1, "wb") as stdout, open(scratch / "first.err", "wb") as stderr:
         proc = subprocess.Popen(
-            _scope_command(steps, step_seconds),
+            _scope_command(trial),
             env=env,
             cwd=REPO,
             stdout=stdout,
@@ -464,12 +499,15 @@ def scope_trial(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
+
+def _scope_at_kill(trial: ScopeTrial, out1: Path) -> None:
+    """The killed run's step lines and what the database had recorded at the kill."""
     records = _records(out1)
     trial.first_steps = _step_lines(records)
     trial.first_summary = _summary(records) is not None
     trial.workflow_id = next(r["workflow_id"] for r in records if r.get("message") == "step")
-    trial.status_at_kill = workflow_status(db_url, trial.workflow_id)
-    trial.recorded_at_kill = set(scope_outputs(db_url, trial.workflow_id))
+    trial.status_at_kill = workflow_status(trial.db_url, trial.workflow_id)
+    trial.recorded_at_kill = set(scope_outputs(trial.db_url, trial.workflow_id))
     if trial.status_at_kill == "SUCCESS":
         trial.moment = "after finish"
     elif trial.in_flight:
@@ -477,31 +515,24 @@ def scope_trial(
     else:
         trial.moment = "between steps"
 
-    if trial.moment != "after finish":
-        # The same flags: ignored when it resumes, a fresh run only if there is nothing to
-        # resume (which would be a finding).
-        try:
-            second = subprocess.run(
-                _scope_command(steps, step_seconds),
-                env=env,
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            (scratch / "second.out").write_text(second.stdout)
-            trial.second_returncode = second.returncode
-            records2 = read_json_lines(second.stdout)[0]
-            trial.second_summary = _summary(records2)
-            trial.second_steps = _step_lines(records2)
-            if second.returncode != 0:
-                trial.error = f"second run exited {second.returncode}: {second.stderr[-300:]}"
-        except subprocess.TimeoutExpired as exc:
-            trial.error = f"second run timed out: {exc}"
-    trial.final_status = workflow_status(db_url, trial.workflow_id)
-    trial.outputs = scope_outputs(db_url, trial.workflow_id)
-    trial.duplicate_rows = duplicate_outputs(db_url)
-    return trial
+
+def _resume_scope(trial: ScopeTrial, env: dict[str, str], scratch: Path) -> None:
+    """Run scope.py again with the same flags: ignored when it resumes, a fresh run only
+    if there is nothing to resume (which would be a finding)."""
+    try:
+        command = _scope_command(trial)
+        second = subprocess.run(
+            command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        (scratch / "second.out").write_text(second.stdout)
+        trial.second_returncode = second.returncode
+        records2 = read_json_lines(second.stdout)[0]
+        trial.second_summary = _summary(records2)
+        trial.second_steps = _step_lines(records2)
+        if second.returncode != 0:
+            trial.error = f"second run exited {second.returncode}: {second.stderr[-300:]}"
+    except subprocess.TimeoutExpired as exc:
+        trial.error = f"second run timed out: {exc}"
 
 
 def scope_trials(

@@ -163,7 +163,7 @@ def reason_of(content: bytes) -> str:
 def _matches(result: Any, expect: Any) -> bool:
     if isinstance(expect, dict):
         return isinstance(result, dict) and all(result.get(k) == v for k, v in expect.items())
-    return result == expect
+    return bool(result == expect)
 
 
 # --- one app under test ----------------------------------------------------------
@@ -402,12 +402,12 @@ def above(limit: float) -> str:
 
 
 def _cases() -> list[HandCase]:
-    s, c = SCOPE.key, CACHE.key
-    sa, ca, da = (
-        fastapi_scope,
-        fastapi_scope_cache,
-        fastapi_scope_shutdown,
-    )  # the limits, from the apps themselves
+    # The limits come from the apps themselves.
+    return _scope_cases() + _cache_cases() + _shutdown_cases()
+
+
+def _scope_cases() -> list[HandCase]:
+    s, sa = SCOPE.key, fastapi_scope
     cases: list[HandCase] = []
     sync_ok = {"steps": 1, "step_seconds": 0}
     cases += _numbers(s, "/trigger_sync", _hostile_numbers("steps", "step_seconds"), sync_ok)
@@ -441,7 +441,12 @@ def _cases() -> list[HandCase]:
     )
     cases += _bodies(s, "/trigger_async", {"steps": 1, "step_seconds": 0}, 202, {"steps": HUGE})
     cases += _bodies(s, "/trigger_sync", {"steps": 1, "step_seconds": 0}, 200, {"steps": "-1"})
+    return cases
 
+
+def _cache_cases() -> list[HandCase]:
+    c, ca = CACHE.key, fastapi_scope_cache
+    cases: list[HandCase] = []
     cache_ok = {"pages": 1, "users_per_page": 1, "step_seconds": 0}
     cases += _numbers(c, "/trigger_async", _hostile_numbers("pages", "step_seconds"), cache_ok)
     cases += _numbers(
@@ -456,7 +461,12 @@ def _cases() -> list[HandCase]:
     cases += _ids(c, "no workflow with id")
     cases += _methods(c, [("POST", "/cache"), ("GET", "/trigger_async")])
     cases += _bodies(c, "/trigger_async", cache_ok, 202, {"pages": "0"})
+    return cases
 
+
+def _shutdown_cases() -> list[HandCase]:
+    da = fastapi_scope_shutdown
+    cases: list[HandCase] = []
     for spec in (SHUTDOWN, SHUTDOWN_UNSET):
         d = spec.key
         if spec.token:
@@ -740,7 +750,7 @@ def _bounds(openapi: dict[str, Any], path: str, name: str) -> tuple[Any, ...] | 
 
 def _allows(found: list[tuple[Any, ...]], value: Any) -> bool:
     if all(len(b) == 2 and not isinstance(b[0], str) for b in found):
-        return min(lo for lo, _ in found) <= value <= max(hi for _, hi in found)
+        return bool(min(lo for lo, _ in found) <= value <= max(hi for _, hi in found))
     return any(value in b for b in found)
 
 
@@ -869,11 +879,15 @@ def _join(*parts: str) -> str:
 
 
 def figures(report: AppReport) -> list[Figure]:
-    k, f, a = report.spec.key, report.fuzz, report.after
+    return _fuzz_figures(report) + _after_figures(report)
+
+
+def _fuzz_figures(report: AppReport) -> list[Figure]:
+    """What the fuzzer sent and how the app answered it."""
+    k, f = report.spec.key, report.fuzz
     sent = f.sent
     statuses = ", ".join(f"{s}: {n}" for s, n in sorted(f.statuses.items(), key=str))
     slowest = max((x.seconds for x in sent if x.status is not None), default=0.0)
-    failed = [f"{h.case.name}: {h.problem}" for h in report.hand if not h.passed]
     subset = len(f.targets) < len(f.operations)
     return [
         promise(
@@ -919,6 +933,15 @@ def figures(report: AppReport) -> list[Figure]:
             "0",
             _examples([f"{x.request} -> {x.status}" for x in f.unclear]),
         ),
+    ]
+
+
+def _after_figures(report: AppReport) -> list[Figure]:
+    """The app after the fuzzing: its workflows, the hand-written cases, its health,
+    its baseline and its log."""
+    k, f, a = report.spec.key, report.fuzz, report.after
+    failed = [f"{h.case.name}: {h.problem}" for h in report.hand if not h.passed]
+    return [
         promise(
             AREA,
             f"{k}: workflows within the schema's caps",

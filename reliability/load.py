@@ -17,15 +17,15 @@ What it measures
     burst. A 503 with ``Retry-After`` would count as a correct answer, so the check stays
     valid if the app adds an admission limit.
 
-    Every answer of a burst used to come at its end, whatever the size: ``trigger_async``
-    is a ``def`` endpoint with a return annotation, so FastAPI validated each response on
-    the same thread pool (``serialize_response`` -> ``run_in_threadpool``), queued behind
-    every request of the burst that had not started yet. The server started the
-    workflows steadily but sent most answers in the burst's last second (measured: 373 of
-    500; p50 = p99 = 17.5 s at 500, and at 2000 only 83 answers within the client's 60 s
-    although every workflow started). ``response_model=None`` on the endpoint lets answers
-    leave as their workflows start: at 500 p50 10.9 s / p99 12.7 s, at 2000 all answered
-    within 42 s (same machine).
+    Answers leave as their workflows start because ``trigger_async`` declares
+    ``response_model=None``. With a return annotation alone, FastAPI validates each
+    response on the same thread pool the ``def`` endpoint runs on (``serialize_response``
+    -> ``run_in_threadpool``), queued behind every request of the burst that had not
+    started yet: the server starts the workflows steadily but sends most answers in the
+    burst's last second (measured without it: 373 of 500; p50 = p99 = 17.5 s at 500, and
+    at 2000 only 83 answers within the client's 60 s although every workflow started;
+    with it, same machine: at 500 p50 10.9 s / p99 12.7 s, at 2000 all answered within
+    42 s).
 
 How
     Each burst fires all requests at once (connection limit = burst size, each request
@@ -66,7 +66,6 @@ import asyncio
 import base64
 import pickle
 import resource
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,6 +77,7 @@ import fastapi_scope
 from harness.clients import ScopeClient
 from harness.db import query
 from harness.env import script_env
+from harness.measure import Sampler
 from harness.proc import wait_for
 from harness.server import AppServer
 from reliability import overload
@@ -208,30 +208,19 @@ class LoadRun:
         )
 
 
-class RssSampler:
+class RssSampler(Sampler):
     """Samples VmRSS of a process every ``interval`` seconds on a thread."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval = pid, interval
+        super().__init__(interval, join_timeout=5)
+        self.pid = pid
         self.max_kib = 0
         self.max_threads = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            now = memory(self.pid)
-            self.max_kib = max(self.max_kib, now.get("VmRSS", 0))
-            self.max_threads = max(self.max_threads, now.get("Threads", 0))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def sample(self) -> None:
+        now = memory(self.pid)
+        self.max_kib = max(self.max_kib, now.get("VmRSS", 0))
+        self.max_threads = max(self.max_threads, now.get("Threads", 0))
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -447,52 +436,58 @@ def figures(run: LoadRun) -> list[Figure]:
     for burst in run.bursts:
         seen[burst.size] += 1
         tag = f"{burst.size}" + (f" #{seen[burst.size]}" if seen[burst.size] > 1 else "")
-        note = (
-            f"{len(burst.accepted)} accepted in {burst.elapsed:.1f} s; the server started "
-            f"{burst.started} workflows"
-        )
-        if burst.promised:
-            out.append(
-                promise(
-                    AREA,
-                    f"burst {tag}: answers",
-                    burst.statuses,
-                    not burst.wrong,
-                    "2xx or 503 + Retry-After",
-                    note,
-                )
-            )
-        else:
-            out.append(
-                info(
-                    AREA,
-                    f"burst {tag} (capacity probe): answers",
-                    burst.statuses,
-                    note + "; no admission limit: the excess waits instead of a 503",
-                )
-            )
-        out += [
-            info(
-                AREA,
-                f"burst {tag}: latency first / p50 / p99",
-                f"{burst.latency(0):.1f} s / {burst.latency(0.5):.1f} s / "
-                f"{burst.latency(0.99):.1f} s",
-                "send to answer; client and server share 2 cores",
-            ),
-            info(AREA, f"burst {tag}: throughput", f"{burst.throughput:.0f} answers/s"),
-            info(
-                AREA,
-                f"burst {tag}: server RSS peak",
-                _mib(burst.hwm_after_kib),
-                f"{(burst.hwm_after_kib - previous_hwm) / 1024:+.1f} MiB over the previous "
-                f"peak; {_mib(burst.rss_settled_kib)} once its workflows finished; "
-                f"up to {burst.threads_max} threads",
-            ),
-        ]
+        out += _burst_figures(burst, tag, previous_hwm)
         previous_hwm = burst.hwm_after_kib
+    return out + _run_figures(run)
+
+
+def _burst_figures(burst: Burst, tag: str, previous_hwm: int) -> list[Figure]:
+    """One burst's answers, latency, throughput and memory."""
+    note = (
+        f"{len(burst.accepted)} accepted in {burst.elapsed:.1f} s; the server started "
+        f"{burst.started} workflows"
+    )
+    if burst.promised:
+        answers = promise(
+            AREA,
+            f"burst {tag}: answers",
+            burst.statuses,
+            not burst.wrong,
+            "2xx or 503 + Retry-After",
+            note,
+        )
+    else:
+        answers = info(
+            AREA,
+            f"burst {tag} (capacity probe): answers",
+            burst.statuses,
+            note + "; no admission limit: the excess waits instead of a 503",
+        )
+    return [
+        answers,
+        info(
+            AREA,
+            f"burst {tag}: latency first / p50 / p99",
+            f"{burst.latency(0):.1f} s / {burst.latency(0.5):.1f} s / {burst.latency(0.99):.1f} s",
+            "send to answer; client and server share 2 cores",
+        ),
+        info(AREA, f"burst {tag}: throughput", f"{burst.throughput:.0f} answers/s"),
+        info(
+            AREA,
+            f"burst {tag}: server RSS peak",
+            _mib(burst.hwm_after_kib),
+            f"{(burst.hwm_after_kib - previous_hwm) / 1024:+.1f} MiB over the previous "
+            f"peak; {_mib(burst.rss_settled_kib)} once its workflows finished; "
+            f"up to {burst.threads_max} threads",
+        ),
+    ]
+
+
+def _run_figures(run: LoadRun) -> list[Figure]:
+    """What became of every accepted workflow over all bursts, and the memory's growth."""
     accepted = len(run.accepted)
     success = accepted - len(run.lost)
-    out += [
+    out = [
         info(AREA, "server RSS before the first burst", _mib(run.rss_start_kib)),
         promise(
             AREA,

@@ -93,15 +93,14 @@ What DBOS 3.4 does (``dbos/_sys_db.py`` ``db_retry``, ``_queue.py``, ``_schedule
     dead connections; the notification listener reconnects. (That backoff is what a
     restart shorter than FENCE_SEC still rides out; a longer outage ends in a fence.)
 
-What the app had to learn
-    Its executor slot was once a session-level advisory lock on one psycopg2 connection:
-    a restart ended that session and the lock with it, and a process started afterwards
-    claimed ``shutdown-0`` although the first process still ran as ``shutdown-0`` (the
-    figure then named "executor slot lock held after DB back" and
-    ``test_a_database_restart_keeps_the_executor_slot_taken`` found it). It is now a
-    lease row renewed every second (shutdown/slots.py); a server restart shorter than the
-    fence time leaves it held, and a longer outage fences the process, which takes
-    its own slot back once the server answers.
+Why the executor slot is a lease row
+    A session-level advisory lock on one psycopg2 connection ends with its session: a
+    database restart would release it, and a process started afterwards would claim
+    ``shutdown-0`` while the first process still ran as ``shutdown-0``
+    (``test_a_database_restart_keeps_the_executor_slot_taken`` checks that it does not).
+    A lease row renewed every second (shutdown/slots.py) outlives the session: a server
+    restart shorter than the fence time leaves it held, and a longer outage fences the
+    process, which takes its own slot back once the server answers.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ AREA = "replicas"
 STEPS, MAX_N = 60, 30
 FREEZE_SEC = 20
 CUT_SEC = 20
-# The targets (figures, not test deadlines).
+# What the figures are judged against (targets of the measurement, not test deadlines).
 TAKEOVER_TARGET_SEC = {"crash": 10.0, "silent loss": 15.0}
 RESUME_TARGET_SEC = 5.0
 MIN_TRIALS = 5

@@ -16,12 +16,12 @@ where these placeholders stand for what the JSON holds:
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from harness.report import readme_main, written_for
+from harness.measure import fill_placeholders
+from harness.report import readme_main
 from reliability.core import Figure, broken, table
 
 HERE = Path(__file__).resolve().parent
@@ -79,10 +79,7 @@ def headlines(results: dict[str, Any]) -> str:
 
 
 def render(results: dict[str, Any], template: str) -> str:
-    run_date = str(results.get("when", ""))[:10]
-
-    def replace(match: re.Match[str]) -> str:
-        words = match.group(1).split()
+    def answer(words: list[str]) -> str | None:
         if words == ["run"]:
             return run_line(results)
         if words == ["headlines"]:
@@ -91,11 +88,10 @@ def render(results: dict[str, Any], template: str) -> str:
             return table(figures(results))
         if words == ["count"]:
             return str(len(results["figures"]))
-        if len(words) == 2 and words[0] == "written-for":
-            return written_for(words[1], run_date)
-        raise ValueError(f"unknown placeholder {match.group(0)!r}")
+        return None
 
-    return HEADER + re.sub(r"\{\{(.+?)\}\}", replace, template)
+    run_date = str(results.get("when", ""))[:10]
+    return fill_placeholders(HEADER, template, run_date, answer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from harness import REPO
@@ -113,9 +114,16 @@ def exercise_shutdown_guard(ctx: Context) -> dict[str, Any]:
 def exercise_apps(ctx: Context) -> dict[str, Any]:
     """Run the cache app's credential-using workflows, fastapi_scope's workflows,
     integration.py with AWS keys and scope.py with a password in its database URL."""
-    ran: dict[str, Any] = {}
     url = ctx.fresh_db("secrets-apps")
-    work = ctx.scratch("secrets-apps")
+    ran = _web_apps(url, ctx.scratch("secrets-apps"))
+    ran["integration_exit"] = _integration(url)
+    ran["scope_exit"] = _scope_with_password(url)
+    return ran
+
+
+def _web_apps(url: str, work: Path) -> dict[str, Any]:
+    """The cache app with a credentials secret, then fastapi_scope, on the same database."""
+    ran: dict[str, Any] = {}
     credentials = distinctive("credentials")
     env = script_env(url, CREDENTIALS_SECRET=credentials)
     with AppServer("fastapi_scope_cache:app", env, work / "cache.log") as cache:
@@ -127,8 +135,11 @@ def exercise_apps(ctx: Context) -> dict[str, Any]:
     with AppServer("fastapi_scope:app", script_env(url), work / "scope.log") as scope:
         sync = ScopeClient(scope.client).trigger_sync(steps=2, step_seconds=0)
         ran["fastapi_scope"] = sync.status_code
+    return ran
 
-    # integration.py against moto's S3 server with distinctive keys.
+
+def _integration(url: str) -> int:
+    """integration.py against moto's S3 server with distinctive keys: its exit code."""
     from moto.server import ThreadedMotoServer
 
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -165,12 +176,15 @@ def exercise_apps(ctx: Context) -> dict[str, Any]:
             ),
             timeout=180,
         )
-        ran["integration_exit"] = result.returncode
+        return result.returncode
     finally:
         s3.stop()
 
-    # A database password: the server trusts local connections, so any password works,
-    # and it must show up redacted only.
+
+def _scope_with_password(url: str) -> int:
+    """scope.py with a password in its database URL: its exit code."""
+    # The server trusts local connections, so any password works, and it must show up
+    # redacted only.
     from sqlalchemy.engine import make_url
 
     password = distinctive("db-password")
@@ -185,8 +199,7 @@ def exercise_apps(ctx: Context) -> dict[str, Any]:
         env=script_env(with_password),
         timeout=120,
     )
-    ran["scope_exit"] = result.returncode
-    return ran
+    return result.returncode
 
 
 def control(ctx: Context) -> bool:
@@ -270,7 +283,25 @@ def run(ctx: Context) -> list[Figure]:
     found_control = control(ctx)
     counts = scan(ctx)
     user = container_user()
-    refused = sum(a == 401 for a in guard["answers"])
+    return [
+        *_scan_figures(counts, found_control),
+        *_guard_figures(guard),
+        promise(
+            AREA,
+            "apps ran with their secrets",
+            f"cache fetches {apps['cache_stats']['fetches']}, "
+            f"integration exit {apps['integration_exit']}, scope exit {apps['scope_exit']}",
+            apps["cache_stats"]["fetches"] == 1
+            and apps["integration_exit"] == 0
+            and apps["scope_exit"] == 0,
+            "ran",
+        ),
+        promise(AREA, "container user", user, not is_root(user), "not root", "Dockerfile USER"),
+    ]
+
+
+def _scan_figures(counts: dict[str, int], found_control: bool) -> list[Figure]:
+    """Where the scan looked, what it found, and that it can find a secret at all."""
     return [
         info(AREA, "secrets handed to scripts (searched for)", counts["secrets"]),
         promise(
@@ -296,6 +327,13 @@ def run(ctx: Context) -> list[Figure]:
             "yes",
             "proves the scan sees pickled, base64 inputs",
         ),
+    ]
+
+
+def _guard_figures(guard: dict[str, Any]) -> list[Figure]:
+    """How /shutdown answered without, with a wrong and with the right token."""
+    refused = sum(a == 401 for a in guard["answers"])
+    return [
         promise(
             AREA,
             "/shutdown without the right token: refused",
@@ -318,15 +356,4 @@ def run(ctx: Context) -> list[Figure]:
             guard["right_status"] == 202 and guard["exit_code"] in (0, -signal.SIGTERM),
             "202, clean stop",
         ),
-        promise(
-            AREA,
-            "apps ran with their secrets",
-            f"cache fetches {apps['cache_stats']['fetches']}, "
-            f"integration exit {apps['integration_exit']}, scope exit {apps['scope_exit']}",
-            apps["cache_stats"]["fetches"] == 1
-            and apps["integration_exit"] == 0
-            and apps["scope_exit"] == 0,
-            "ran",
-        ),
-        promise(AREA, "container user", user, not is_root(user), "not root", "Dockerfile USER"),
     ]
