@@ -295,7 +295,7 @@ def host_network_compose(
     test session's build of the same Dockerfile) instead of building it again.
     Everything else (environment, healthchecks, depends_on, volumes) is the file's.
     """
-    variant = json.loads(json.dumps(compose))  # a deep copy
+    variant: dict[str, Any] = json.loads(json.dumps(compose))  # a deep copy
     services = variant["services"]
     for service in services.values():
         service.pop("ports", None)

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,10 +101,6 @@ def read_json_lines(text: str) -> tuple[list[dict[str, Any]], int]:
         else:
             bad += 1
     return records, bad
-
-
-def iter_records(records: list[dict[str, Any]], message: str) -> Iterator[dict[str, Any]]:
-    return (r for r in records if r.get("message") == message)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Two containers of the image on one Postgres (issue 20, item 5): ``docker kill`` one
+"""Two containers of the image on one Postgres: ``docker kill`` one
 mid fan-out and the other finishes it; ``docker pause`` one past its lease (SIGSTOP to
 its processes on an engine without a cgroup freezer), and the other takes its work
 over while it fences itself on ``unpause``.

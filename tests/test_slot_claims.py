@@ -4,10 +4,10 @@
   execution, a stale execution's step output and outcome are refused (in this
   process: the token is DBOS's, so it is proven here rather than trusted).
 - Adoption never takes work from a live process: two workers, a fan-out running on
-  both, many adopter periods: nothing adopted, no step body run twice (issue 24, 1).
+  both, many adopter periods: nothing adopted, no step body run twice.
 - A process that lost its slot stops: another connection takes its lease row; the
   process fences within seconds, and nothing is recorded under its executor id
-  afterwards; it serves again only under a slot claimed anew (issue 24, 2).
+  afterwards; it serves again only under a slot claimed anew.
 """
 
 from __future__ import annotations

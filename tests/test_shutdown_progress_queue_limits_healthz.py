@@ -1,4 +1,5 @@
-"""Claims of fastapi_scope_shutdown.py checked against the database (issue 16, items 1, 3, 4).
+"""fastapi_scope_shutdown.py's progress count, queue limits and health check, checked
+against the database.
 
 - ``GET /workflows/{id}``'s ``progress.done`` counts the fan-out's children in SUCCESS:
   every read lies between two counts of SUCCESS children taken around it, and is below
@@ -57,7 +58,7 @@ def successes(children: dict[str, str]) -> int:
     return sum(status == "SUCCESS" for status in children.values())
 
 
-# --- item 1: progress is the count of SUCCESS children -------------------------------
+# --- progress is the count of SUCCESS children -------------------------------
 
 
 @pytest.mark.slow
@@ -102,7 +103,7 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
     assert any(r[1] > 0 for r in during), reads
 
 
-# --- item 3: the 50-way limit and the per-worker limit, reached ---------------------
+# --- the 50-way limit and the per-worker limit, reached ---------------------
 
 # The fewest workers whose shares (rounded up) add up to more than the queue's limit:
 # only the queue-wide limit can then stop the last step.
@@ -269,7 +270,7 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
     assert max(peaks.values()) == SHARE, peaks
 
 
-# --- item 4: /healthz asks the database ---------------------------------------------
+# --- /healthz asks the database ---------------------------------------------
 
 
 @pytest.fixture
