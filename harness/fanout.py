@@ -16,6 +16,7 @@ from typing import Any
 
 from harness.db import query
 from harness.env import script_env
+from harness.proc import wait_for
 from harness.server import AppServer
 
 
@@ -74,6 +75,25 @@ def children(db_url: str, parent: str) -> dict[int, dict[str, Any]]:
             "outputs": int(outputs),
             "body": (body_start, body_end),
         }
+    return found
+
+
+def big_steps_in_flight(
+    db_url: str, workflow_id: str, max_n: int, at_least: int, timeout: float
+) -> dict[int, dict[str, Any]]:
+    """The fan-out's steps (``children``) once ``at_least`` of its fib(``max_n``) steps
+    are dequeued and unfinished: the small first steps end within milliseconds, so a
+    crash or a signal sent then must not land in a gap between them."""
+    found: dict[int, dict[str, Any]] = wait_for(
+        lambda: (
+            (kids := children(db_url, workflow_id))
+            and sum(c["status"] == "PENDING" for i, c in kids.items() if i >= max_n) >= at_least
+            and kids
+        ),
+        timeout,
+        0.05,
+        f"{at_least} big steps of {workflow_id} in flight",
+    )
     return found
 
 

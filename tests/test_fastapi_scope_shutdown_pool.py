@@ -40,6 +40,7 @@ from harness.db import query
 from harness.env import remember_secrets, script_env
 from harness.fanout import (
     MODULE,
+    big_steps_in_flight,
     children,
     fan_out_result,
     ledger_runs,
@@ -154,23 +155,6 @@ def assert_all_gone(pids: list[int], within: float, what: str) -> None:
     wait_for(lambda: not [p for p in pids if alive(p)], within, 0.05, what)
 
 
-def big_steps_running(
-    db_url: str, workflow_id: str, max_n: int, at_least: int
-) -> dict[int, dict[str, Any]]:
-    """Wait until ``at_least`` steps computing fib(max_n) are dequeued and not finished
-    (the small first steps finish within milliseconds: a crash must not land in a gap)."""
-    return wait_for(
-        lambda: (
-            (kids := children(db_url, workflow_id))
-            and sum(c["status"] == "PENDING" for i, c in kids.items() if i >= max_n) >= at_least
-            and kids
-        ),
-        90,
-        0.05,
-        f"{at_least} big steps of {workflow_id} running",
-    )
-
-
 def assert_recovered(
     tmp_path: Path,
     db_url: str,
@@ -270,7 +254,7 @@ def test_crash_leaves_no_process_and_the_recovered_fan_out_keeps_its_mode(
     try:
         assert server.proc is not None
         workflow_id = trigger(server, steps, max_n, executor)
-        big_steps_running(pg_url, workflow_id, max_n, at_least=3)
+        big_steps_in_flight(pg_url, workflow_id, max_n, 3, 90)
         tree = descendants(server.proc.pid)
         assert len(pool_pids(server.proc.pid)) == PROCESSES, tree
         if crash == "endpoint":
@@ -303,7 +287,7 @@ def test_sigkill_of_the_server_alone_ends_its_pool_at_once(pg_url: str, tmp_path
     try:
         assert server.proc is not None
         workflow_id = trigger(server, steps, max_n, "process")
-        big_steps_running(pg_url, workflow_id, max_n, at_least=PROCESSES + 2)
+        big_steps_in_flight(pg_url, workflow_id, max_n, PROCESSES + 2, 90)
         pool = pool_pids(server.proc.pid)
         tree = descendants(server.proc.pid)
         assert len(pool) == PROCESSES
@@ -329,7 +313,7 @@ def test_graceful_stop_ends_the_pool_within_the_grace_period(pg_url: str, tmp_pa
     try:
         assert server.proc is not None
         workflow_id = trigger(server, steps, max_n, "process")
-        big_steps_running(pg_url, workflow_id, max_n, at_least=PROCESSES + 2)
+        big_steps_in_flight(pg_url, workflow_id, max_n, PROCESSES + 2, 90)
         tree = descendants(server.proc.pid)
         assert len(pool_pids(server.proc.pid)) == PROCESSES
         answer = client(server).shutdown("graceful", TOKEN)
@@ -459,13 +443,6 @@ def test_a_pool_process_imports_only_what_fib_needs(
     assert {r["pid"] for r in reports} <= set(pool_pids_of(tree))
 
 
-def healthy(http: httpx.Client) -> bool:
-    try:
-        return http.get("/healthz").status_code == 200
-    except httpx.TransportError:  # not listening yet
-        return False
-
-
 @pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
 def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
     pg_url: str, image: str, tmp_path: Path
@@ -478,7 +455,7 @@ def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
         assert container.running()
         with httpx.Client(base_url=container.url, timeout=30) as http:
             # The pool is ready before DBOS launches: the server listens only after.
-            wait_for(lambda: healthy(http), 60, 0.2, "/healthz")
+            container.wait_serving(60, interval=0.2)
             compute_a_fan_out(ShutdownClient(http))
         reports = pool_reports(parse_json_lines(container.logs()))
     finally:
