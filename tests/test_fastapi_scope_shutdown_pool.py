@@ -47,7 +47,15 @@ from harness.fanout import (
     max_running,
     shutdown_server,
 )
-from harness.proc import alive, free_port, parse_json_lines, run_script, wait_for
+from harness.proc import (
+    alive,
+    cpu_seconds,
+    descendants,
+    free_port,
+    parse_json_lines,
+    run_script,
+    wait_for,
+)
 from harness.server import AppServer
 
 pytestmark = pytest.mark.slow
@@ -105,37 +113,6 @@ def ledger_modes(tmp_path: Path, parent: str) -> dict[int, list[str]]:
 # --- processes -------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        # "pid (comm) state ppid ...": comm may hold spaces, split after ")".
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Every live process below ``pid``: pid -> command line."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(_stat(int(entry))[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found: dict[int, str] = {}
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and alive(child) and child not in found:
-                try:
-                    found[child] = (
-                        Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                    )
-                except OSError:
-                    continue
-                frontier.append(child)
-    return found
-
-
 def pool_pids(server_pid: int) -> list[int]:
     """The pool's processes: multiprocessing spawn children of the server process."""
     return sorted(p for p, cmd in descendants(server_pid).items() if "multiprocessing.spawn" in cmd)
@@ -143,12 +120,6 @@ def pool_pids(server_pid: int) -> list[int]:
 
 def pool_pids_of(tree: dict[int, str]) -> list[int]:
     return [p for p, cmd in tree.items() if "multiprocessing.spawn" in cmd]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def assert_all_gone(pids: list[int], within: float, what: str) -> None:
