@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.db import query
 from harness.env import script_env
-from harness.proc import wait_for
+from harness.proc import alive, wait_for
 from harness.server import AppServer
 
 
@@ -117,6 +117,18 @@ def slot_claims(records: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return [
         (r["executor_id"], r["pid"]) for r in records if r.get("message") == "executor slot claimed"
     ]
+
+
+def live_workers(server: AppServer, count: int, timeout: float = 60) -> dict[str, int]:
+    """executor id -> pid of the server's live workers, once ``count`` of them serve (a
+    restarted worker's claim comes last, so it wins over the dead one's)."""
+
+    def ready() -> dict[str, int] | None:
+        live = {e: p for e, p in dict(slot_claims(server.records())).items() if alive(p)}
+        return live if len(live) == count else None
+
+    found: dict[str, int] = wait_for(ready, timeout, 0.1, f"{count} workers to claim their slots")
+    return found
 
 
 # --- the demo served, and what a run of it must show ------------------------------------

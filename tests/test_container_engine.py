@@ -443,8 +443,7 @@ def test_database_outage_turns_the_container_unhealthy_and_it_recovers(
     health check command, run every 2 s instead of 10 s to keep the test short."""
     if pgcluster.find_bindir() is None:
         need("no PostgreSQL server binaries for a private cluster")
-    cluster = pgcluster.Cluster(tmp_path / "pg")
-    try:
+    with pgcluster.private_cluster(keep_log=tmp_path / "postgres-server.txt") as cluster:
         fast = ["--health-interval=2s", "--health-retries=2", "--health-start-period=120s"]
         container = run({"DBOS_SYSTEM_DATABASE_URL": cluster.url}, fast)
         container.wait_health("healthy", 180)
@@ -463,8 +462,6 @@ def test_database_outage_turns_the_container_unhealthy_and_it_recovers(
             done = wait_done(http, start_fan_out(http, 5, 3))
         assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
         assert container.running()
-    finally:
-        cluster.close()
 
 
 def test_the_image_composes_its_database_url_from_the_pg_variables(run: Run, pg_url: str) -> None:

@@ -17,8 +17,6 @@ Real uvicorn processes, a real Postgres (a private throwaway cluster for the out
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -275,21 +273,11 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[pgcluster.Cluster]:
-    """A private Postgres cluster this test may stop (never the shared server).
-
-    Its files live outside pytest's temporary directory, which a second pytest session
-    makes private (mode 700) while the server runs as the postgres user.
-    """
+    """A private Postgres cluster this test may stop (never the shared server)."""
     if pgcluster.find_bindir() is None:
         pytest.skip("no PostgreSQL server binaries (pg_ctl) for a private cluster")
-    workdir = Path(tempfile.mkdtemp(prefix="experiment6-claims-"))
-    cluster = pgcluster.Cluster(workdir / "pg")
-    try:
+    with pgcluster.private_cluster(keep_log=tmp_path / "postgres-server.txt") as cluster:
         yield cluster
-    finally:
-        cluster.close()
-        shutil.copy(workdir / "pg" / "server.log", tmp_path / "postgres-server.txt")
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.slow
