@@ -50,16 +50,15 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
-    pg_url: str, tmp_path: Path
-) -> None:
-    port = free_port()
+def start_dbos_start(pg_url: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """``dbos start`` (dbos-config.yaml's start command) on ``pg_url``, serving on
+    ``port``, in a session of its own; its output goes to ``log_path``."""
     env = script_env(pg_url, PORT=str(port))
     env.pop("WORKERS", None)  # the layout chosen for Postgres: 2 uvicorn workers
     env.pop("HOST", None)
     # `python` in the start command must be this virtualenv's.
     env["PATH"] = f"{DBOS.parent}{os.pathsep}{env.get('PATH', '')}"
-    log = open(tmp_path / "dbos-start.log", "wb")
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [str(DBOS), "start"],
         cwd=REPO,
@@ -69,6 +68,14 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
         start_new_session=True,
     )
     log.close()
+    return proc
+
+
+def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
+    pg_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = start_dbos_start(pg_url, port, tmp_path / "dbos-start.log")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     # dbos start runs the command in a new session (setsid): its id is the shell's pid,
     # and every process the command starts stays in it, even once re-parented.

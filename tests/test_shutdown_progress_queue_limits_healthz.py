@@ -201,30 +201,10 @@ def serving_executors(server: AppServer) -> set[str]:
     return {r["executor_id"] for r in server.records(strict=False) if r.get("message") == "serving"}
 
 
-@pytest.mark.slow
-def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
-    pg_url: str, tmp_path: Path
-) -> None:
-    """WORKERS processes (3: 3 x 17 = 51 > 50, so only the queue-wide limit can stop the
-    51st) serve the demo; UNITS (60) units of its step become ENQUEUED at one instant.
-    The most units holding a queue slot at once is exactly QUEUE_CONCURRENCY (50); per
-    executor it is at most its share SHARE (17), and one executor reaches it.
-
-    Measured with ``held``: spans that lie inside the time each slot was really held,
-    so their peak is never above the real one (a correct queue never fails this) and
-    shows 50 only if 50 were held at once. Each worker's pool has one process
-    (FIB_PROCESSES=1): the units a worker holds wait there in turn, so the ones claimed
-    together stay held for seconds. Checked against planted faults: with
-    global_concurrency=500 the peak read 51; without worker_concurrency one executor
-    held 50.
-
-    Why a batch released at once rather than a fan-out through POST /trigger_async: the
-    fan-out enqueues its steps one by one while the queue polls (measured on 2 shared
-    cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
-    steps pile up to 50 only if each lasts many seconds."""
-    assert fastapi_scope_shutdown.MAX_SLOTS >= WORKERS  # the app allows this many workers
-    assert UNITS > WORKERS * SHARE > fastapi_scope_shutdown.QUEUE_CONCURRENCY
-    batch = f"claims-{uuid.uuid4().hex[:8]}"
+def run_released_batch(pg_url: str, tmp_path: Path, batch: str) -> set[str]:
+    """WORKERS workers serve while UNITS units of ``batch`` are enqueued to be released
+    at one instant, and run until every unit has finished. Returns the executor ids
+    that served."""
     server = shutdown_server(
         pg_url,
         tmp_path / "server.log",
@@ -253,6 +233,34 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
         )
         assert server.running
         executors = serving_executors(server)
+    return executors
+
+
+@pytest.mark.slow
+def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """WORKERS processes (3: 3 x 17 = 51 > 50, so only the queue-wide limit can stop the
+    51st) serve the demo; UNITS (60) units of its step become ENQUEUED at one instant.
+    The most units holding a queue slot at once is exactly QUEUE_CONCURRENCY (50); per
+    executor it is at most its share SHARE (17), and one executor reaches it.
+
+    Measured with ``held``: spans that lie inside the time each slot was really held,
+    so their peak is never above the real one (a correct queue never fails this) and
+    shows 50 only if 50 were held at once. Each worker's pool has one process
+    (FIB_PROCESSES=1): the units a worker holds wait there in turn, so the ones claimed
+    together stay held for seconds. Checked against planted faults: with
+    global_concurrency=500 the peak read 51; without worker_concurrency one executor
+    held 50.
+
+    Why a batch released at once rather than a fan-out through POST /trigger_async: the
+    fan-out enqueues its steps one by one while the queue polls (measured on 2 shared
+    cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
+    steps pile up to 50 only if each lasts many seconds."""
+    assert fastapi_scope_shutdown.MAX_SLOTS >= WORKERS  # the app allows this many workers
+    assert UNITS > WORKERS * SHARE > fastapi_scope_shutdown.QUEUE_CONCURRENCY
+    batch = f"claims-{uuid.uuid4().hex[:8]}"
+    executors = run_released_batch(pg_url, tmp_path, batch)
     found = batch_units(pg_url, batch)
     assert ledger_runs(tmp_path / "ledger.txt", batch) == Counter(range(UNITS))  # once each
     assert {u["executor_id"] for u in found} <= executors
