@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -83,7 +84,7 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
     try:
         sid = own_session_child(proc.pid, 30)
 
-        def healthy() -> dict | None:
+        def healthy() -> dict[str, Any] | None:
             if proc.poll() is not None:
                 text = (tmp_path / "dbos-start.log").read_text(errors="replace")
                 raise AssertionError(f"dbos start exited with {proc.returncode}:\n{text[-3000:]}")
