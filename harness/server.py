@@ -67,20 +67,29 @@ class AppServer:
         cls, script: str, env: dict[str, str], log_path: Path, port: int | None = None, **kw: Any
     ) -> AppServer:
         """``python <script>``, serving on the port it reads from ``PORT``."""
-        port = port or free_port()
-        env["PORT"] = str(port)
-        command = [sys.executable, str(REPO / script)]
-        return cls(script, env, log_path, port=port, command=command, **kw)
+        return cls._python(script, [str(REPO / script)], env, log_path, port, **kw)
 
     @classmethod
     def module(
         cls, module: str, env: dict[str, str], log_path: Path, port: int | None = None, **kw: Any
     ) -> AppServer:
         """``python -m <module>``, serving on the port it reads from ``PORT``."""
+        return cls._python(module, ["-m", module], env, log_path, port, **kw)
+
+    @classmethod
+    def _python(
+        cls,
+        target: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None,
+        **kw: Any,
+    ) -> AppServer:
         port = port or free_port()
         env["PORT"] = str(port)
-        command = [sys.executable, "-m", module]
-        return cls(module, env, log_path, port=port, command=command, **kw)
+        command = [sys.executable, *argv]
+        return cls(target, env, log_path, port=port, command=command, **kw)
 
     def start(self, ready_timeout: float | None = None) -> AppServer:
         """Spawn the server and wait until it is ready (``ready_timeout`` seconds, by
