@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from harness import REPO
-from harness.env import log_files, remember_secrets
+from harness.env import log_files, remember_secrets, script_env
 from harness.proc import free_port, parse_json_lines, read_json_lines, wait_for
 
 
@@ -179,3 +179,10 @@ class AppServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def cache_server(db_url: str, log_path: Path, credentials_secret: str) -> AppServer:
+    """``uvicorn fastapi_scope_cache:app`` on ``db_url``, fetching ``credentials_secret``
+    as its credentials (a secret: the tests look for it in logs and databases)."""
+    env = script_env(db_url, CREDENTIALS_SECRET=credentials_secret)
+    return AppServer("fastapi_scope_cache:app", env, log_path)

@@ -25,9 +25,8 @@ from harness.clients import CacheClient
 from harness.db import query, secrets_in_database
 from harness.env import script_env
 from harness.proc import wait_for
-from harness.server import AppServer
+from harness.server import cache_server
 
-TARGET = "fastapi_scope_cache:app"
 # get_credentials() calls per default run: get_users + 5 pages + 15 steps.
 CALLS_PER_RUN = 1 + 5 + 15
 
@@ -40,8 +39,7 @@ def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
     pg_url: str, tmp_path: Path
 ) -> None:
     secret = f"cred-{uuid.uuid4().hex}"
-    server = AppServer(TARGET, script_env(pg_url, CREDENTIALS_SECRET=secret), tmp_path / "s.log")
-    with server:
+    with cache_server(pg_url, tmp_path / "s.log", secret) as server:
         assert CacheClient(server.client).cache() == {"fetches": 0, "hits": 0, "cached": False}
 
         def start(_: int) -> str:
