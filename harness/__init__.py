@@ -8,7 +8,6 @@ limits are imported from the apps themselves (``import fastapi_scope_shutdown``,
     harness.proc       run a script, wait for something, ports, process liveness, JSON lines
     harness.server     ``AppServer``: an app served in a subprocess, reached over HTTP
     harness.clients    one client per app HTTP contract (scope, cache, shutdown)
-    harness.apps       the three FastAPI apps, imported for their constants and limits
     harness.fanout     the shutdown demo's fan-out: served, its rows, ledger and checks
     harness.db         queries on a system database, scratch databases, secret scans
     harness.report     progress lines on stderr, Markdown tables

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
+
 from harness import REPO
 from harness.proc import wait_for
 
@@ -217,6 +219,30 @@ class Container:
 
         wait_until(reached, timeout, f"{self.name} to turn {status}")
 
+    def healthz(self) -> dict[str, Any] | None:
+        """/healthz's body when it answers 200; None while it answers otherwise or does
+        not listen yet."""
+        try:
+            answer = httpx.get(f"{self.url}/healthz", timeout=10)
+        except httpx.TransportError:
+            return None
+        if answer.status_code != 200:
+            return None
+        body: dict[str, Any] = answer.json()
+        return body
+
+    def wait_serving(self, timeout: float = 180, interval: float = 0.5) -> dict[str, Any]:
+        """/healthz's body once it answers 200; an ``AssertionError`` with the logs as
+        soon as the container has exited (it will never answer), or after ``timeout``."""
+
+        def serving() -> dict[str, Any] | None:
+            if not self.running():
+                raise AssertionError(f"{self.name} exited:\n{self.logs()[-3000:]}")
+            return self.healthz()
+
+        body: dict[str, Any] = wait_until(serving, timeout, f"{self.name} to serve", interval)
+        return body
+
     def wait_exit(self, timeout: float) -> int:
         """The exit status once the container has stopped (``docker wait``)."""
         return int(docker("wait", self.name, timeout=timeout).stdout.strip())
@@ -295,7 +321,7 @@ def host_network_compose(
     test session's build of the same Dockerfile) instead of building it again.
     Everything else (environment, healthchecks, depends_on, volumes) is the file's.
     """
-    variant = json.loads(json.dumps(compose))  # a deep copy
+    variant: dict[str, Any] = json.loads(json.dumps(compose))  # a deep copy
     services = variant["services"]
     for service in services.values():
         service.pop("ports", None)

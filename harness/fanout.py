@@ -16,6 +16,7 @@ from typing import Any
 
 from harness.db import query
 from harness.env import script_env
+from harness.proc import alive, wait_for
 from harness.server import AppServer
 
 
@@ -77,6 +78,25 @@ def children(db_url: str, parent: str) -> dict[int, dict[str, Any]]:
     return found
 
 
+def big_steps_in_flight(
+    db_url: str, workflow_id: str, max_n: int, at_least: int, timeout: float
+) -> dict[int, dict[str, Any]]:
+    """The fan-out's steps (``children``) once ``at_least`` of its fib(``max_n``) steps
+    are dequeued and unfinished: the small first steps end within milliseconds, so a
+    crash or a signal sent then must not land in a gap between them."""
+    found: dict[int, dict[str, Any]] = wait_for(
+        lambda: (
+            (kids := children(db_url, workflow_id))
+            and sum(c["status"] == "PENDING" for i, c in kids.items() if i >= max_n) >= at_least
+            and kids
+        ),
+        timeout,
+        0.05,
+        f"{at_least} big steps of {workflow_id} in flight",
+    )
+    return found
+
+
 def max_running(intervals: list[tuple[int, int]]) -> int:
     """Most intervals open at one instant (an end at t closes before a start at t)."""
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
@@ -97,6 +117,18 @@ def slot_claims(records: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return [
         (r["executor_id"], r["pid"]) for r in records if r.get("message") == "executor slot claimed"
     ]
+
+
+def live_workers(server: AppServer, count: int, timeout: float = 60) -> dict[str, int]:
+    """executor id -> pid of the server's live workers, once ``count`` of them serve (a
+    restarted worker's claim comes last, so it wins over the dead one's)."""
+
+    def ready() -> dict[str, int] | None:
+        live = {e: p for e, p in dict(slot_claims(server.records())).items() if alive(p)}
+        return live if len(live) == count else None
+
+    found: dict[str, int] = wait_for(ready, timeout, 0.1, f"{count} workers to claim their slots")
+    return found
 
 
 # --- the demo served, and what a run of it must show ------------------------------------

@@ -18,6 +18,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.proc import free_port
@@ -37,6 +40,30 @@ def _as_owner(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def _owned_by_the_server(datadir: Path) -> None:
+    """As root the server runs as ``postgres``: it owns ``datadir`` and may pass
+    through every directory above it."""
+    if os.geteuid() != 0:
+        return
+    shutil.chown(datadir, "postgres", "postgres")
+    for parent in datadir.parents:
+        if parent == Path("/"):
+            break
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)
+
+
+def _initdb(bindir: Path, datadir: Path) -> None:
+    initdb = [str(bindir / "initdb"), "-D", str(datadir / "data"), "-U", "postgres"]
+    subprocess.run(
+        _as_owner([*initdb, "-A", "trust", "--no-sync", "-E", "UTF8"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=True,
+    )
+
+
 def start(datadir: Path) -> str:
     """Create and start a cluster in ``datadir``; return its URL (no database)."""
     bindir = find_bindir()
@@ -44,60 +71,16 @@ def start(datadir: Path) -> str:
         raise RuntimeError("PostgreSQL server binaries (pg_ctl, initdb) not found")
     datadir = datadir.resolve()
     datadir.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(datadir, "postgres", "postgres")
-        # The postgres user must be able to reach the directory.
-        for parent in datadir.parents:
-            if parent == Path("/"):
-                break
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                os.chmod(parent, mode | 0o001)
+    _owned_by_the_server(datadir)
     port = free_port()
-    subprocess.run(
-        _as_owner(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(datadir / "data"),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ]
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        check=True,
-    )
+    _initdb(bindir, datadir)
     options = (
         f"-p {port} -c listen_addresses=127.0.0.1 -k {datadir} "
         "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         "-c max_connections=400 -c shared_buffers=128MB"
     )
-    subprocess.run(
-        _as_owner(
-            [
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(datadir / "data"),
-                "-o",
-                options,
-                "-l",
-                str(datadir / "server.log"),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        check=True,
-    )
+    log = str(datadir / "server.log")
+    _pg_ctl(datadir, "-o", options, "-l", log, "-w", "-t", "60", "start")
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     (datadir / "url").write_text(url)
     (datadir / "options").write_text(options)
@@ -152,6 +135,26 @@ class Cluster:
 
     def close(self) -> None:
         stop(self.datadir)
+
+
+@contextmanager
+def private_cluster(keep_log: Path | None = None) -> Iterator[Cluster]:
+    """A cluster one test may stop and start, stopped and removed afterwards (its
+    server log copied to ``keep_log`` first). Its files live outside pytest's
+    temporary directory: a second pytest session makes that private (mode 700) while
+    the server runs as the postgres user, cutting the server off from its files."""
+    workdir = Path(tempfile.mkdtemp(prefix="experiment6-cluster-"))
+    try:
+        cluster = Cluster(workdir / "pg")
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+    finally:
+        log = workdir / "pg" / "server.log"
+        if keep_log is not None and log.exists():
+            shutil.copy(log, keep_log)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

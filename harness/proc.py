@@ -1,13 +1,15 @@
-"""Processes: run a script, wait for a condition, free ports, liveness, JSON lines."""
+"""Processes: run a script, wait for a condition, free ports, liveness and process trees,
+JSON lines."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import psutil
 
 from harness import REPO
 from harness.env import outputs, remember_secrets
+from lab.signals import children
 
 
 def free_port() -> int:
@@ -31,6 +34,42 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return False
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live process below ``pid`` (children, theirs, ...): pid -> command line.
+    The parent-child relation is ``lab.signals.children``'s, the one the apps use."""
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        for child in children(frontier.pop()):
+            if child in found or not alive(child):
+                continue
+            try:
+                found[child] = " ".join(psutil.Process(child).cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            frontier.append(child)
+    return found
+
+
+def session_of(pid: int) -> int | None:
+    """The session id of ``pid`` (None once it is gone)."""
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def session(sid: int) -> set[int]:
+    """The live processes of session ``sid``, re-parented orphans included."""
+    return {p.pid for p in psutil.process_iter() if alive(p.pid) and session_of(p.pid) == sid}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def wait_for(
@@ -101,10 +140,6 @@ def read_json_lines(text: str) -> tuple[list[dict[str, Any]], int]:
         else:
             bad += 1
     return records, bad
-
-
-def iter_records(records: list[dict[str, Any]], message: str) -> Iterator[dict[str, Any]]:
-    return (r for r in records if r.get("message") == message)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from harness import REPO
-from harness.env import log_files, remember_secrets
+from harness.env import log_files, remember_secrets, script_env
 from harness.proc import free_port, parse_json_lines, read_json_lines, wait_for
 
 
@@ -67,20 +67,29 @@ class AppServer:
         cls, script: str, env: dict[str, str], log_path: Path, port: int | None = None, **kw: Any
     ) -> AppServer:
         """``python <script>``, serving on the port it reads from ``PORT``."""
-        port = port or free_port()
-        env["PORT"] = str(port)
-        command = [sys.executable, str(REPO / script)]
-        return cls(script, env, log_path, port=port, command=command, **kw)
+        return cls._python(script, [str(REPO / script)], env, log_path, port, **kw)
 
     @classmethod
     def module(
         cls, module: str, env: dict[str, str], log_path: Path, port: int | None = None, **kw: Any
     ) -> AppServer:
         """``python -m <module>``, serving on the port it reads from ``PORT``."""
+        return cls._python(module, ["-m", module], env, log_path, port, **kw)
+
+    @classmethod
+    def _python(
+        cls,
+        target: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None,
+        **kw: Any,
+    ) -> AppServer:
         port = port or free_port()
         env["PORT"] = str(port)
-        command = [sys.executable, "-m", module]
-        return cls(module, env, log_path, port=port, command=command, **kw)
+        command = [sys.executable, *argv]
+        return cls(target, env, log_path, port=port, command=command, **kw)
 
     def start(self, ready_timeout: float | None = None) -> AppServer:
         """Spawn the server and wait until it is ready (``ready_timeout`` seconds, by
@@ -170,3 +179,10 @@ class AppServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def cache_server(db_url: str, log_path: Path, credentials_secret: str) -> AppServer:
+    """``uvicorn fastapi_scope_cache:app`` on ``db_url``, fetching ``credentials_secret``
+    as its credentials (a secret: the tests look for it in logs and databases)."""
+    env = script_env(db_url, CREDENTIALS_SECRET=credentials_secret)
+    return AppServer("fastapi_scope_cache:app", env, log_path)

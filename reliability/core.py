@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import pgcluster
-from harness.db import ScratchDatabases
+from harness.db import ScratchDatabases, assert_no_secret_in_databases
 from harness.report import Progress, markdown_table
 
 progress = Progress("reliability")
@@ -113,4 +113,16 @@ class Context:
             progress(f"could not drop scratch database {failure}")
 
 
-__all__ = ["Context", "Figure", "broken", "info", "progress", "promise", "table"]
+@contextmanager
+def quick_context(server_url: str, workdir: Path) -> Iterator[Context]:
+    """A short run's context (the tests): two trials; afterwards its databases are
+    checked for secrets, then dropped."""
+    ctx = Context(server_url=server_url, workdir=workdir, trials=2, quick=True)
+    try:
+        yield ctx
+        assert_no_secret_in_databases(*ctx.databases())
+    finally:
+        ctx.close()
+
+
+__all__ = ["Context", "Figure", "broken", "info", "progress", "promise", "quick_context", "table"]

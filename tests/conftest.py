@@ -20,7 +20,6 @@ import harness.docker as hd
 from harness import REPO, env, pgcluster
 from harness.db import ScratchDatabases, assert_no_secret_in_databases
 from lab.config import ConfigError, check_sqlite_version
-from reliability.core import Context
 
 
 def _in_ci() -> bool:
@@ -105,17 +104,6 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("pg_url")
     return request.getfixturevalue("sqlite_url")
-
-
-@pytest.fixture
-def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
-    """The reliability suite's context (reliability/core.py), with few trials."""
-    ctx = Context(server_url=pg_server, workdir=tmp_path, trials=2, quick=True)
-    try:
-        yield ctx
-        assert_no_secret_in_databases(*ctx.databases())
-    finally:
-        ctx.close()
 
 
 @pytest.fixture(scope="session")

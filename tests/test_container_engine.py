@@ -89,22 +89,6 @@ def client(container: hd.Container) -> httpx.Client:
     return httpx.Client(base_url=container.url, timeout=30)
 
 
-def wait_serving(container: hd.Container, timeout: float = 180) -> dict[str, Any]:
-    """/healthz's body once it answers 200 (the container must keep running)."""
-
-    def healthy() -> dict[str, Any] | None:
-        if not container.running():
-            raise AssertionError(f"{container.name} exited:\n{container.logs()[-3000:]}")
-        try:
-            answer = httpx.get(f"{container.url}/healthz", timeout=10)
-        except httpx.TransportError:
-            return None
-        return answer.json() if answer.status_code == 200 else None
-
-    body: dict[str, Any] = hd.wait_until(healthy, timeout, f"{container.name} to serve")
-    return body
-
-
 def start_fan_out(http: httpx.Client, steps: int, max_n: int) -> str:
     answer = http.post("/trigger_async", params={"steps": steps, "max_n": max_n})
     assert answer.status_code == 202, answer.text
@@ -289,7 +273,7 @@ def test_container_turns_healthy_runs_a_fan_out_as_non_root_under_its_init(
     container.wait_health("healthy", 240)
     status = hd.docker("ps", "--filter", f"name={container.name}", "--format", "{{.Status}}")
     assert "(healthy)" in status.stdout
-    body = wait_serving(container)
+    body = container.wait_serving()
     assert (body["status"], body["database"], body["executor_id"]) == (
         "ok",
         "postgres",
@@ -359,7 +343,7 @@ def test_port_is_honoured_by_the_app_and_the_health_check(run: Run, pg_url: str)
 
 def test_shutdown_graceful_from_inside_exits_143(run: Run, pg_url: str, token: str) -> None:
     container = run({"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": token})
-    wait_serving(container)
+    container.wait_serving()
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.post(f"{container.url}/shutdown", timeout=30).status_code == 401
     answer = httpx.post(
@@ -375,7 +359,7 @@ def test_shutdown_graceful_from_inside_exits_143(run: Run, pg_url: str, token: s
 def test_sqlite_in_a_writable_path_of_the_container(run: Run) -> None:
     """/app is not writable; a SQLite URL under /tmp works (gone with the container)."""
     container = run({"DBOS_SYSTEM_DATABASE_URL": "sqlite:////tmp/experiment6.sqlite"})
-    assert wait_serving(container)["database"] == "sqlite"
+    assert container.wait_serving()["database"] == "sqlite"
     with client(container) as http:
         done = wait_done(http, start_fan_out(http, 5, 3))
     assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
@@ -388,7 +372,7 @@ def test_crash_exits_137_and_a_new_container_finishes_the_same_fan_out(
     ledger_env, options = hd.ledger_volume(ledger)
     env = {"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": token, **ledger_env}
     first = run(env, options)
-    wait_serving(first)
+    first.wait_serving()
     with client(first) as http:
         workflow_id = start_fan_out(http, **LONG)
         wait_mid_fan_out(http, workflow_id)
@@ -411,7 +395,7 @@ def test_crash_exits_137_and_a_new_container_finishes_the_same_fan_out(
     # slot of its own and adopts shutdown-0 once the lease has expired; started later,
     # it claims shutdown-0 itself and recovers it at launch.
     second = run(env, options)
-    executor = wait_serving(second)["executor_id"]
+    executor = second.wait_serving()["executor_id"]
     with client(second) as http:
         done = wait_done(http, workflow_id)
     if executor != "shutdown-0":
@@ -432,7 +416,7 @@ def test_docker_stop_mid_fan_out_is_a_graceful_143_within_the_grace(
     run: Run, pg_url: str, token: str
 ) -> None:
     container = run({"DBOS_SYSTEM_DATABASE_URL": pg_url, "SHUTDOWN_TOKEN": token})
-    wait_serving(container)
+    container.wait_serving()
     with client(container) as http:
         workflow_id = start_fan_out(http, **LONG)
         wait_mid_fan_out(http, workflow_id)
@@ -459,8 +443,7 @@ def test_database_outage_turns_the_container_unhealthy_and_it_recovers(
     health check command, run every 2 s instead of 10 s to keep the test short."""
     if pgcluster.find_bindir() is None:
         need("no PostgreSQL server binaries for a private cluster")
-    cluster = pgcluster.Cluster(tmp_path / "pg")
-    try:
+    with pgcluster.private_cluster(keep_log=tmp_path / "postgres-server.txt") as cluster:
         fast = ["--health-interval=2s", "--health-retries=2", "--health-start-period=120s"]
         container = run({"DBOS_SYSTEM_DATABASE_URL": cluster.url}, fast)
         container.wait_health("healthy", 180)
@@ -479,8 +462,6 @@ def test_database_outage_turns_the_container_unhealthy_and_it_recovers(
             done = wait_done(http, start_fan_out(http, 5, 3))
         assert (done["status"], done["result"]) == ("SUCCESS", fan_out_result(5, 3))
         assert container.running()
-    finally:
-        cluster.close()
 
 
 def test_the_image_composes_its_database_url_from_the_pg_variables(run: Run, pg_url: str) -> None:
@@ -494,7 +475,7 @@ def test_the_image_composes_its_database_url_from_the_pg_variables(run: Run, pg_
     if url.password:
         env["PGPASSWORD"] = url.password
     container = run(env)
-    assert wait_serving(container)["database"] == "postgres"
+    assert container.wait_serving()["database"] == "postgres"
     # DBOS made its tables in that very database, which the fixture left empty.
     assert query(pg_url, "SELECT to_regclass('dbos.workflow_status') IS NOT NULL") == [(True,)]
 

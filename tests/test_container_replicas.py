@@ -1,4 +1,4 @@
-"""Two containers of the image on one Postgres (issue 20, item 5): ``docker kill`` one
+"""Two containers of the image on one Postgres: ``docker kill`` one
 mid fan-out and the other finishes it; ``docker pause`` one past its lease (SIGSTOP to
 its processes on an engine without a cgroup freezer), and the other takes its work
 over while it fences itself on ``unpause``.
@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # 60 steps, the last 30 fib(30): the fan-out still runs when the fault comes.
 STEPS, MAX_N = 60, 30
+T = TypeVar("T")
 DEADLINE = 180  # safety bound of every wait; the figures are measured, not asserted
 
 
@@ -49,7 +50,7 @@ def pair(image: str, pg_url: str, tmp_path: Path) -> Iterator[tuple[hd.Container
         for _ in range(2):
             c = hd.Container(image, free_port(), env, options)
             started.append(c.start())
-            healthy(c)
+            c.wait_serving(DEADLINE, interval=0.3)
         yield tuple(started)
     finally:
         for c in started:
@@ -60,25 +61,6 @@ def pair(image: str, pg_url: str, tmp_path: Path) -> Iterator[tuple[hd.Container
             c.remove()
 
 
-def health(c: hd.Container) -> dict[str, Any] | None:
-    try:
-        answer = httpx.get(f"{c.url}/healthz", timeout=3)
-    except httpx.TransportError:
-        return None
-    body: dict[str, Any] = answer.json()
-    return body if answer.status_code == 200 else None
-
-
-def healthy(c: hd.Container) -> dict[str, Any]:
-    def up() -> dict[str, Any] | None:
-        if not c.running():
-            raise AssertionError(f"{c.name} exited:\n{c.logs()[-3000:]}")
-        return health(c)
-
-    body: dict[str, Any] = hd.wait_until(up, DEADLINE, f"{c.name} to serve", interval=0.3)
-    return body
-
-
 def start_mid_fan_out(c: hd.Container, pg_url: str) -> tuple[str, str, set[int]]:
     """Start the fan-out on ``c``; once ``c`` has steps in flight and one is done:
     (workflow id, its executor id, steps PENDING then)."""
@@ -87,7 +69,7 @@ def start_mid_fan_out(c: hd.Container, pg_url: str) -> tuple[str, str, set[int]]
     )
     assert answer.status_code == 202, answer.text
     workflow_id = str(answer.json()["workflow_id"])
-    owner = str(healthy(c)["executor_id"])
+    owner = str(c.wait_serving(DEADLINE, interval=0.3)["executor_id"])
 
     def busy() -> set[int] | None:
         steps = children(pg_url, workflow_id)
@@ -143,17 +125,28 @@ def log_lines(c: hd.Container, message: str) -> list[dict[str, Any]]:
     return [r for r in parse_json_lines(c.logs()) if r.get("message") == message]
 
 
+def lost_mid_fan_out(
+    a: hd.Container, pg_url: str, lose: Callable[[hd.Container], T]
+) -> tuple[str, str, set[int], float, T]:
+    """Start the fan-out on ``a``, ``lose`` it mid-way, and wait for the other container
+    to take over ``a``'s steps: (workflow id, ``a``'s executor id, the steps PENDING
+    when ``a`` was lost, seconds from the loss to the takeover, what ``lose`` returned)."""
+    workflow_id, owner, _ = start_mid_fan_out(a, pg_url)
+    snapshot = pending_rows(pg_url, owner)
+    lost = lose(a)
+    at = time.monotonic()
+    in_flight = {i for i, s in children(pg_url, workflow_id).items() if s["status"] == "PENDING"}
+    wait_for(lambda: handed_over(pg_url, owner, snapshot), DEADLINE, 0.1, "the takeover")
+    return workflow_id, owner, in_flight, time.monotonic() - at, lost
+
+
 def test_docker_kill_of_one_container_and_the_other_finishes_its_fan_out(
     pair: tuple[hd.Container, ...], pg_url: str, tmp_path: Path
 ) -> None:
     a, b = pair
-    workflow_id, owner, _ = start_mid_fan_out(a, pg_url)
-    snapshot = pending_rows(pg_url, owner)
-    hd.docker("kill", a.name)
-    killed = time.monotonic()
-    in_flight = {i for i, s in children(pg_url, workflow_id).items() if s["status"] == "PENDING"}
-    wait_for(lambda: handed_over(pg_url, owner, snapshot), DEADLINE, 0.1, "the takeover")
-    takeover = time.monotonic() - killed
+    workflow_id, owner, in_flight, takeover, _ = lost_mid_fan_out(
+        a, pg_url, lambda c: hd.docker("kill", c.name)
+    )
     assert_finished_once(pg_url, tmp_path / "ledger" / "runs.txt", workflow_id, in_flight, b)
     print(f"docker kill -> takeover {takeover:.1f} s (target 10 s)")
     adopted = [r["orphan"] for r in log_lines(b, "adopted orphaned executor slot")]
@@ -166,19 +159,13 @@ def test_docker_pause_past_the_lease_is_taken_over_and_fences_on_unpause(
     pair: tuple[hd.Container, ...], pg_url: str, tmp_path: Path
 ) -> None:
     a, b = pair
-    workflow_id, owner, _ = start_mid_fan_out(a, pg_url)
-    snapshot = pending_rows(pg_url, owner)
-    way = pause(a)
-    paused = time.monotonic()
-    in_flight = {i for i, s in children(pg_url, workflow_id).items() if s["status"] == "PENDING"}
-    wait_for(lambda: handed_over(pg_url, owner, snapshot), DEADLINE, 0.1, "the takeover")
-    takeover = time.monotonic() - paused
+    workflow_id, owner, in_flight, takeover, way = lost_mid_fan_out(a, pg_url, pause)
     assert [r["orphan"] for r in log_lines(b, "adopted orphaned executor slot")] == [owner]
     unpaused = time.monotonic()
     unpause(a, way)
     # On waking, A finds its lease long expired: it fences itself (the process image
     # ends and starts again in place), claims a slot anew and serves again.
-    body = healthy(a)
+    body = a.wait_serving(DEADLINE, interval=0.3)
     fences = log_lines(a, "executor slot lost: fencing")
     assert fences and logged_at(fences[0]) >= unpaused - 1, fences
     claims = log_lines(a, "executor slot claimed")

@@ -9,50 +9,20 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from harness import REPO
 from harness.env import script_env
-from harness.proc import free_port, wait_for
+from harness.proc import alive, descendants, free_port, session, session_of, wait_for
+from lab.signals import children
 
 # Servers, crashes or long runs: not in the fast tier (-m "not slow").
 pytestmark = pytest.mark.slow
 
 DBOS = Path(sys.executable).parent / "dbos"
-
-
-def processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id) of every running (non-zombie) process."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # "pid (comm) state ppid pgrp session ...": comm may hold spaces.
-                    state, ppid, _, session = f.read().rsplit(")", 1)[1].split()[:4]
-            except (OSError, ValueError):
-                continue
-            if state != "Z":  # a zombie runs nothing; its parent reaps it
-                found[int(entry)] = (int(ppid), int(session))
-    return found
-
-
-def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
-    table = processes() if table is None else table
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def session(sid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
-    """The processes of session ``sid``: re-parented orphans included."""
-    table = processes() if table is None else table
-    return {p for p, (_, s) in table.items() if s == sid}
 
 
 def own_session_child(parent: int, timeout: float) -> int:
@@ -63,8 +33,8 @@ def own_session_child(parent: int, timeout: float) -> int:
     seen: dict[int, int] = {}
 
     def leader() -> int | None:
-        kids = {p: s for p, (pp, s) in processes().items() if pp == parent}
-        seen.update(kids)
+        kids = {p: session_of(p) for p in children(parent) if alive(p)}
+        seen.update({p: s for p, s in kids.items() if s is not None})
         return next((p for p, s in kids.items() if s == p), None)
 
     try:
@@ -81,16 +51,15 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
-    pg_url: str, tmp_path: Path
-) -> None:
-    port = free_port()
+def start_dbos_start(pg_url: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """``dbos start`` (dbos-config.yaml's start command) on ``pg_url``, serving on
+    ``port``, in a session of its own; its output goes to ``log_path``."""
     env = script_env(pg_url, PORT=str(port))
     env.pop("WORKERS", None)  # the layout chosen for Postgres: 2 uvicorn workers
     env.pop("HOST", None)
     # `python` in the start command must be this virtualenv's.
     env["PATH"] = f"{DBOS.parent}{os.pathsep}{env.get('PATH', '')}"
-    log = open(tmp_path / "dbos-start.log", "wb")
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [str(DBOS), "start"],
         cwd=REPO,
@@ -100,6 +69,14 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
         start_new_session=True,
     )
     log.close()
+    return proc
+
+
+def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
+    pg_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = start_dbos_start(pg_url, port, tmp_path / "dbos-start.log")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     # dbos start runs the command in a new session (setsid): its id is the shell's pid,
     # and every process the command starts stays in it, even once re-parented.
@@ -107,7 +84,7 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
     try:
         sid = own_session_child(proc.pid, 30)
 
-        def healthy() -> dict | None:
+        def healthy() -> dict[str, Any] | None:
             if proc.poll() is not None:
                 text = (tmp_path / "dbos-start.log").read_text(errors="replace")
                 raise AssertionError(f"dbos start exited with {proc.returncode}:\n{text[-3000:]}")
@@ -129,9 +106,8 @@ def test_dbos_start_serves_healthz_on_postgres_and_sigterm_leaves_no_process(
             return seen == {"shutdown-0", "shutdown-1"}
 
         wait_for(both_workers, 60, 0.05, "both uvicorn workers to answer")
-        table = processes()  # one snapshot for both views
-        started = session(sid, table)
-        assert started == descendants(proc.pid, table)
+        started = session(sid)
+        assert started == set(descendants(proc.pid))
         # the shell's command (uvicorn's supervisor) and its 2 worker processes at least
         assert len(started) >= 3, started
 

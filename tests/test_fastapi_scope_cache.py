@@ -24,7 +24,7 @@ from harness.clients import CacheClient
 from harness.db import query, workflow_rows
 from harness.env import script_env
 from harness.proc import free_port, parse_json_lines, wait_for
-from harness.server import AppServer
+from harness.server import AppServer, cache_server
 
 TARGET = "fastapi_scope_cache:app"
 ALL_USERS = {(page, f"user-{page}-{n}") for page in range(1, 6) for n in range(1, 4)}
@@ -175,8 +175,7 @@ def test_the_secret_reaches_neither_the_system_database_nor_the_logs(
     pg_url: str, tmp_path: Path
 ) -> None:
     secret = f"cred-{uuid.uuid4().hex}"
-    server = AppServer(TARGET, script_env(pg_url, CREDENTIALS_SECRET=secret), tmp_path / "s.log")
-    with server:
+    with cache_server(pg_url, tmp_path / "s.log", secret) as server:
         _, view = run_get_users(server)
         assert view["status"] == "SUCCESS"
         cache = server.client.get("/cache")

@@ -40,13 +40,22 @@ from harness.db import query
 from harness.env import remember_secrets, script_env
 from harness.fanout import (
     MODULE,
+    big_steps_in_flight,
     children,
     fan_out_result,
     ledger_runs,
     max_running,
     shutdown_server,
 )
-from harness.proc import alive, free_port, parse_json_lines, run_script, wait_for
+from harness.proc import (
+    alive,
+    cpu_seconds,
+    descendants,
+    free_port,
+    parse_json_lines,
+    run_script,
+    wait_for,
+)
 from harness.server import AppServer
 
 pytestmark = pytest.mark.slow
@@ -104,37 +113,6 @@ def ledger_modes(tmp_path: Path, parent: str) -> dict[int, list[str]]:
 # --- processes -------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        # "pid (comm) state ppid ...": comm may hold spaces, split after ")".
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Every live process below ``pid``: pid -> command line."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(_stat(int(entry))[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found: dict[int, str] = {}
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and alive(child) and child not in found:
-                try:
-                    found[child] = (
-                        Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                    )
-                except OSError:
-                    continue
-                frontier.append(child)
-    return found
-
-
 def pool_pids(server_pid: int) -> list[int]:
     """The pool's processes: multiprocessing spawn children of the server process."""
     return sorted(p for p, cmd in descendants(server_pid).items() if "multiprocessing.spawn" in cmd)
@@ -144,31 +122,8 @@ def pool_pids_of(tree: dict[int, str]) -> list[int]:
     return [p for p, cmd in tree.items() if "multiprocessing.spawn" in cmd]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def assert_all_gone(pids: list[int], within: float, what: str) -> None:
     wait_for(lambda: not [p for p in pids if alive(p)], within, 0.05, what)
-
-
-def big_steps_running(
-    db_url: str, workflow_id: str, max_n: int, at_least: int
-) -> dict[int, dict[str, Any]]:
-    """Wait until ``at_least`` steps computing fib(max_n) are dequeued and not finished
-    (the small first steps finish within milliseconds: a crash must not land in a gap)."""
-    return wait_for(
-        lambda: (
-            (kids := children(db_url, workflow_id))
-            and sum(c["status"] == "PENDING" for i, c in kids.items() if i >= max_n) >= at_least
-            and kids
-        ),
-        90,
-        0.05,
-        f"{at_least} big steps of {workflow_id} running",
-    )
 
 
 def assert_recovered(
@@ -270,7 +225,7 @@ def test_crash_leaves_no_process_and_the_recovered_fan_out_keeps_its_mode(
     try:
         assert server.proc is not None
         workflow_id = trigger(server, steps, max_n, executor)
-        big_steps_running(pg_url, workflow_id, max_n, at_least=3)
+        big_steps_in_flight(pg_url, workflow_id, max_n, 3, 90)
         tree = descendants(server.proc.pid)
         assert len(pool_pids(server.proc.pid)) == PROCESSES, tree
         if crash == "endpoint":
@@ -303,7 +258,7 @@ def test_sigkill_of_the_server_alone_ends_its_pool_at_once(pg_url: str, tmp_path
     try:
         assert server.proc is not None
         workflow_id = trigger(server, steps, max_n, "process")
-        big_steps_running(pg_url, workflow_id, max_n, at_least=PROCESSES + 2)
+        big_steps_in_flight(pg_url, workflow_id, max_n, PROCESSES + 2, 90)
         pool = pool_pids(server.proc.pid)
         tree = descendants(server.proc.pid)
         assert len(pool) == PROCESSES
@@ -329,7 +284,7 @@ def test_graceful_stop_ends_the_pool_within_the_grace_period(pg_url: str, tmp_pa
     try:
         assert server.proc is not None
         workflow_id = trigger(server, steps, max_n, "process")
-        big_steps_running(pg_url, workflow_id, max_n, at_least=PROCESSES + 2)
+        big_steps_in_flight(pg_url, workflow_id, max_n, PROCESSES + 2, 90)
         tree = descendants(server.proc.pid)
         assert len(pool_pids(server.proc.pid)) == PROCESSES
         answer = client(server).shutdown("graceful", TOKEN)
@@ -459,13 +414,6 @@ def test_a_pool_process_imports_only_what_fib_needs(
     assert {r["pid"] for r in reports} <= set(pool_pids_of(tree))
 
 
-def healthy(http: httpx.Client) -> bool:
-    try:
-        return http.get("/healthz").status_code == 200
-    except httpx.TransportError:  # not listening yet
-        return False
-
-
 @pytest.mark.timeout(900)  # the first image build of a checkout takes minutes
 def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
     pg_url: str, image: str, tmp_path: Path
@@ -478,7 +426,7 @@ def test_in_the_image_a_pool_process_imports_only_what_fib_needs(
         assert container.running()
         with httpx.Client(base_url=container.url, timeout=30) as http:
             # The pool is ready before DBOS launches: the server listens only after.
-            wait_for(lambda: healthy(http), 60, 0.2, "/healthz")
+            container.wait_serving(60, interval=0.2)
             compute_a_fan_out(ShutdownClient(http))
         reports = pool_reports(parse_json_lines(container.logs()))
     finally:

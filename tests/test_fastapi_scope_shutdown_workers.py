@@ -22,9 +22,9 @@ from harness.fanout import (
     children,
     fan_out_result,
     ledger_runs,
+    live_workers,
     schedule_runs,
     shutdown_server,
-    slot_claims,
 )
 from harness.proc import alive, wait_for
 from harness.server import AppServer
@@ -52,29 +52,12 @@ def ledger(tmp_path: Path, parent: str) -> Counter[int]:
     return ledger_runs(tmp_path / "ledger.txt", parent)
 
 
-def claims(server: AppServer) -> list[tuple[str, int]]:
-    """(executor_id, pid) of every "executor slot claimed" line, in order."""
-    return slot_claims(server.records())
-
-
-def live_workers(server: AppServer, count: int) -> dict[str, int]:
-    """executor id -> pid of the live workers, once ``count`` of them serve."""
-
-    def ready() -> dict[str, int] | None:
-        latest = dict(claims(server))  # a restarted worker's line comes last
-        live = {e: p for e, p in latest.items() if alive(p)}
-        return live if len(live) == count else None
-
-    return wait_for(ready, 60, 0.1, f"{count} workers to claim their executor slots")
-
-
-def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
-    pg_url: str, tmp_path: Path
-) -> None:
-    # 39 steps of fib(32), ~0.55 s of CPU each, enqueued last: once the fan-out has
-    # enqueued every step, seconds of work are left in the workers' process pools, so
-    # steps are still running when the crash request gets through.
-    steps, max_n = 71, 32
+def crash_two_workers_mid_fan_out(
+    tmp_path: Path, pg_url: str, steps: int, max_n: int
+) -> tuple[AppServer, str]:
+    """Two workers start a fan-out; once every step is enqueued and big steps run,
+    ``/shutdown?mode=crash`` kills the supervisor and every worker. Returns the stopped
+    server (its logs) and the fan-out's workflow id."""
     server = app_server(tmp_path, pg_url, "first", workers=2).start()
     try:
         workers = live_workers(server, 2)
@@ -94,6 +77,60 @@ def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
         wait_for(lambda: not any(alive(p) for p in workers.values()), 10, 0.05, "workers dead")
     finally:
         server.close()
+    return server, workflow_id
+
+
+def assert_each_schedule_slot_ran_once(
+    server: AppServer, ready: float, workers: dict[str, int]
+) -> None:
+    """The schedule over at least 15 s of the live workers (from ``ready``, monotonic):
+    each 5-second slot ran once, on one of ``workers``."""
+    wait_for(
+        lambda: time.monotonic() - ready >= 15 and len(schedule_runs(server.records())) >= 3,
+        30,
+        0.2,
+        "15 s of scheduled runs",
+    )
+    runs = schedule_runs(server.records())
+    slots = Counter(r["scheduled_time"] for r in runs)
+    assert set(slots.values()) == {1}, slots
+    times = sorted(datetime.fromisoformat(s) for s in slots)
+    assert all((b - a).total_seconds() == 5 for a, b in zip(times, times[1:], strict=False))
+    assert {r["pid"] for r in runs} <= set(workers.values())
+
+
+def kill_the_busiest_worker(
+    pg_url: str, workflow_id: str, workers: dict[str, int]
+) -> tuple[str, set[int]]:
+    """SIGKILL the worker running the most of the fan-out's steps, once some run:
+    (its executor id, the steps it was running)."""
+    running = wait_for(
+        lambda: [
+            c["executor_id"]
+            for c in children(pg_url, workflow_id).values()
+            if c["status"] == "PENDING"
+        ],
+        60,
+        0.05,
+        "steps running",
+    )
+    victim: str = Counter(running).most_common(1)[0][0]
+    os.kill(workers[victim], signal.SIGKILL)
+    at_kill = children(pg_url, workflow_id)
+    in_flight = {
+        i for i, c in at_kill.items() if c["status"] == "PENDING" and c["executor_id"] == victim
+    }
+    return victim, in_flight
+
+
+def test_crash_kills_every_process_and_one_process_recovers_every_workers_steps(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # 39 steps of fib(32), ~0.55 s of CPU each, enqueued last: once the fan-out has
+    # enqueued every step, seconds of work are left in the workers' process pools, so
+    # steps are still running when the crash request gets through.
+    steps, max_n = 71, 32
+    server, workflow_id = crash_two_workers_mid_fan_out(tmp_path, pg_url, steps, max_n)
     at_kill = children(pg_url, workflow_id)
     in_flight = {i for i, c in at_kill.items() if c["status"] == "PENDING"}
     assert in_flight, (
@@ -155,41 +192,14 @@ def test_two_workers_share_the_queue_run_each_schedule_slot_once_and_recover_a_k
         # With every worker alive, no step body ran twice.
         assert ledger(tmp_path, first) == Counter(range(steps))
 
-        # The schedule over at least 15 s of two live workers: each slot ran once.
-        wait_for(
-            lambda: time.monotonic() - ready >= 15 and len(schedule_runs(server.records())) >= 3,
-            30,
-            0.2,
-            "15 s of scheduled runs",
-        )
-        runs = schedule_runs(server.records())
-        slots = Counter(r["scheduled_time"] for r in runs)
-        assert set(slots.values()) == {1}, slots
-        times = sorted(datetime.fromisoformat(s) for s in slots)
-        assert all((b - a).total_seconds() == 5 for a, b in zip(times, times[1:], strict=False))
-        assert {r["pid"] for r in runs} <= set(workers.values())
+        assert_each_schedule_slot_ran_once(server, ready, workers)
 
         # Kill the worker with the most running steps; uvicorn starts a new one, which
         # claims the dead worker's slot (same executor id: its owner's pid is gone) and
         # so recovers exactly that work.
         steps, max_n = 120, 26
         second = api(server).trigger(steps, max_n)
-        running = wait_for(
-            lambda: [
-                c["executor_id"]
-                for c in children(pg_url, second).values()
-                if c["status"] == "PENDING"
-            ],
-            60,
-            0.05,
-            "steps running",
-        )
-        victim = Counter(running).most_common(1)[0][0]
-        os.kill(workers[victim], signal.SIGKILL)
-        at_kill = children(pg_url, second)
-        in_flight = {
-            i for i, c in at_kill.items() if c["status"] == "PENDING" and c["executor_id"] == victim
-        }
+        victim, in_flight = kill_the_busiest_worker(pg_url, second, workers)
         assert in_flight
         wait_for(lambda: not alive(workers[victim]), 10, 0.02, "the killed worker to die")
         replaced = live_workers(server, 2)
@@ -251,12 +261,12 @@ def test_graceful_shutdown_of_two_workers_mid_fan_out_stops_all_and_a_restart_fi
         again.close()
     assert view["result"] == expected(steps, max_n)
     assert not [r for r in again.records() if r["message"] == "adopted orphaned executor slot"]
+    # Only a step still running when the bounded wait ended runs again.
     after = children(pg_url, workflow_id)
     assert sorted(after) == list(range(steps))
     assert {c["outputs"] for c in after.values()} == {1}
     runs = ledger(tmp_path, workflow_id)
     assert set(runs) == set(range(steps)) and max(runs.values()) <= 2
-    # Only a step still running when the bounded wait ended runs again.
     in_flight = {i for i, c in at_stop.items() if c["status"] == "PENDING"}
     assert {i for i, n in runs.items() if n == 2} <= in_flight
     assert all(runs[i] == 1 for i, c in at_stop.items() if c["status"] == "SUCCESS")

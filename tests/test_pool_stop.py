@@ -14,12 +14,12 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 import fastapi_scope_shutdown
-from harness.proc import alive, wait_for
+from harness.proc import alive, cpu_seconds, descendants, wait_for
+from lab.signals import children
 from shutdown import pool
 
 # A pool in the test process, processes spawned and killed: seconds, not the fast tier.
@@ -33,29 +33,11 @@ LONG_N = 45
 STOP_BOUND_SEC = 1.0
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        # "pid (comm) state ppid ...": comm may hold spaces, split after ")".
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def spawned_children() -> list[int]:
     """Live children of this process started by multiprocessing's spawn (the pool's
     processes; not its resource tracker, which lives as long as this process)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or not alive(int(entry)):
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and b"multiprocessing.spawn" in cmdline:
-            found.append(int(entry))
-    return found
+    tree = descendants(os.getpid())
+    return [p for p in children(os.getpid()) if "multiprocessing.spawn" in tree.get(p, "")]
 
 
 def kill(pids: list[int]) -> None:

@@ -6,16 +6,24 @@ with ``python -m reliability --only crash --seed <seed>``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness.db import query, step_outputs
 from reliability import crash_matrix
-from reliability.core import Context, Figure, broken
+from reliability.core import Context, Figure, broken, quick_context
 
 # Servers, crashes or long runs: not in the fast tier (-m "not slow").
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
+    with quick_context(pg_server, tmp_path) as ctx:
+        yield ctx
 
 
 def by_name(figures: list[Figure], name: str) -> Any:

@@ -19,7 +19,7 @@ from harness.db import assert_no_secret_in_databases
 from reliability import load, overload
 from reliability.core import Context, broken
 
-BURST = 500  # the example size
+BURST = 500  # a burst far above the queue limit (50)
 
 
 @pytest.fixture(scope="module")

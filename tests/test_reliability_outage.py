@@ -22,7 +22,7 @@ from harness import pgcluster
 from harness.env import script_env
 from harness.server import AppServer
 from reliability import outage
-from reliability.core import Context
+from reliability.core import Context, quick_context
 
 
 def _in_ci() -> bool:
@@ -30,7 +30,7 @@ def _in_ci() -> bool:
 
 
 @pytest.fixture
-def ctx(reliability_ctx: Context, tmp_path: Path) -> Iterator[Context]:
+def ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
     """The suite's context; a private cluster needs the PostgreSQL server binaries.
 
     Its files live outside pytest's temporary directory: every pytest session that starts
@@ -44,9 +44,9 @@ def ctx(reliability_ctx: Context, tmp_path: Path) -> Iterator[Context]:
             pytest.fail(reason)
         pytest.skip(reason)
     workdir = Path(tempfile.mkdtemp(prefix="experiment6-outage-"))
-    reliability_ctx.workdir = workdir
     try:
-        yield reliability_ctx
+        with quick_context(pg_server, workdir) as ctx:
+            yield ctx
     finally:
         # The logs stay with the test (a failure is read there; the secret check scans them).
         for log in workdir.rglob("*.log"):

@@ -10,14 +10,23 @@ targets in the full run, not here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from reliability import replicas
-from reliability.core import Context, broken
+from reliability.core import Context, broken, quick_context
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SPEED = ("takeover time", "resume after the heal")
+
+
+@pytest.fixture
+def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
+    with quick_context(pg_server, tmp_path) as ctx:
+        yield ctx
 
 
 def test_the_quick_area_keeps_every_promise_but_the_speed_targets(

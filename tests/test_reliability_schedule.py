@@ -17,7 +17,7 @@ from reliability.core import Context, broken
 # Servers, crashes or long runs: not in the fast tier (-m "not slow").
 pytestmark = pytest.mark.slow
 
-WINDOW_SECONDS = 30  # the minimum
+WINDOW_SECONDS = 30  # six 5-second slots per worker count
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import base64
 import pickle
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from harness.env import secrets_in
 from reliability import secrets
+from reliability.core import Context, quick_context
+
+
+@pytest.fixture
+def reliability_ctx(pg_server: str, tmp_path: Path) -> Iterator[Context]:
+    with quick_context(pg_server, tmp_path) as ctx:
+        yield ctx
 
 
 def test_the_scan_sees_a_secret_as_is_and_inside_base64_pickles() -> None:

@@ -1,4 +1,4 @@
-"""Several replicas of the shutdown demo on one Postgres (issue 20): a replica lost for
+"""Several replicas of the shutdown demo on one Postgres: a replica lost for
 good, cut off, frozen, or the database cut from all; the work is finished elsewhere and
 no executor id is served twice.
 

@@ -4,10 +4,10 @@
   execution, a stale execution's step output and outcome are refused (in this
   process: the token is DBOS's, so it is proven here rather than trusted).
 - Adoption never takes work from a live process: two workers, a fan-out running on
-  both, many adopter periods: nothing adopted, no step body run twice (issue 24, 1).
+  both, many adopter periods: nothing adopted, no step body run twice.
 - A process that lost its slot stops: another connection takes its lease row; the
   process fences within seconds, and nothing is recorded under its executor id
-  afterwards; it serves again only under a slot claimed anew (issue 24, 2).
+  afterwards; it serves again only under a slot claimed anew.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ import pytest
 import fastapi_scope_shutdown
 from harness.clients import ShutdownClient
 from harness.db import admin, query
-from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server, slot_claims
+from harness.fanout import (
+    children,
+    fan_out_result,
+    ledger_runs,
+    live_workers,
+    shutdown_server,
+)
 from harness.proc import alive, until, wait_for
 from harness.server import AppServer
 from lab import signals
@@ -177,16 +183,6 @@ def records(server: AppServer, message: str) -> list[dict[str, Any]]:
     return [r for r in server.records() if r.get("message") == message]
 
 
-def live_workers(server: AppServer, count: int) -> dict[str, int]:
-    """executor id -> pid of the live workers, once ``count`` of them serve."""
-
-    def ready() -> dict[str, int] | None:
-        live = {e: p for e, p in dict(slot_claims(server.records())).items() if alive(p)}
-        return live if len(live) == count else None
-
-    return wait_for(ready, 90, 0.1, f"{count} workers to claim their executor slots")
-
-
 def running_on(db_url: str, parent: str) -> Counter[str]:
     """Executor id -> steps of ``parent`` running there now (dequeued, not finished)."""
     return Counter(
@@ -203,7 +199,7 @@ def test_adoption_never_takes_work_from_a_live_worker(pg_url: str, tmp_path: Pat
     server = shutdown_server(pg_url, tmp_path / "server.log", workers=2, token=TOKEN, ledger=ledger)
     server.start(ready_timeout=120)
     try:
-        workers = live_workers(server, 2)
+        workers = live_workers(server, 2, 90)
         assert set(workers) == {"shutdown-0", "shutdown-1"}
         workflow_id = api(server).trigger(steps, max_n)
         wait_for(
@@ -284,6 +280,38 @@ def recorded_under(db_url: str, executor_id: str) -> dict[str, tuple[Any, ...]]:
 
 
 @pytest.mark.slow
+def take_the_slot_and_see_a_fence(
+    server: AppServer, pg_url: str, pid: int
+) -> tuple[str, float, dict[str, tuple[Any, ...]]]:
+    """Another connection takes slot 0's lease from the running server; the server
+    fences and rejoins under slot 1. Returns the thief's lease (to release), how long
+    the server took to notice, and what was recorded under shutdown-0 then."""
+    pool_before = [p for p in signals.children(pid) if alive(p)]
+    taken_at = time.monotonic()
+    thief = take_lease(pg_url, 0, seconds=600)
+    # The process notices at its next renewal and fences.
+    [fence] = wait_for(
+        lambda: records(server, "executor slot lost: fencing"), 30, 0.05, "the fence"
+    )
+    noticed = time.monotonic() - taken_at
+    assert fence["executor_id"] == "shutdown-0"
+    assert fence["reason"] == "another process took the slot"
+    # Re-executed in place (same pid); it serves again only under a slot claimed
+    # anew: slot 0 is taken, so slot 1.
+    rejoined = wait_for(
+        lambda: [r for r in records(server, "executor slot claimed") if r["rejoin"]],
+        60,
+        0.1,
+        "the re-executed process to claim a slot",
+    )
+    assert [(r["executor_id"], r["pid"]) for r in rejoined] == [("shutdown-1", pid)]
+    # The previous image is gone, its pool processes too.
+    assert not any(alive(p) for p in pool_before), pool_before
+    snapshot = recorded_under(pg_url, "shutdown-0")
+    assert snapshot, "nothing was left under shutdown-0"
+    return thief, noticed, snapshot
+
+
 def test_a_process_whose_slot_is_taken_stops_and_records_nothing_afterwards(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -302,29 +330,7 @@ def test_a_process_whose_slot_is_taken_stops_and_records_nothing_afterwards(
             0.05,
             "steps running",
         )
-        pool_before = [p for p in signals.children(pid) if alive(p)]
-        taken_at = time.monotonic()
-        thief = take_lease(pg_url, 0, seconds=600)
-        # The process notices at its next renewal and fences.
-        [fence] = wait_for(
-            lambda: records(server, "executor slot lost: fencing"), 30, 0.05, "the fence"
-        )
-        noticed = time.monotonic() - taken_at
-        assert fence["executor_id"] == "shutdown-0"
-        assert fence["reason"] == "another process took the slot"
-        # Re-executed in place (same pid); it serves again only under a slot claimed
-        # anew: slot 0 is taken, so slot 1.
-        rejoined = wait_for(
-            lambda: [r for r in records(server, "executor slot claimed") if r["rejoin"]],
-            60,
-            0.1,
-            "the re-executed process to claim a slot",
-        )
-        assert [(r["executor_id"], r["pid"]) for r in rejoined] == [("shutdown-1", pid)]
-        # The previous image is gone, its pool processes too.
-        assert not any(alive(p) for p in pool_before), pool_before
-        snapshot = recorded_under(pg_url, "shutdown-0")
-        assert snapshot, "nothing was left under shutdown-0"
+        thief, noticed, snapshot = take_the_slot_and_see_a_fence(server, pg_url, pid)
         # Not listening while it rejoins; then healthy again.
         assert until(
             lambda: api(server).healthz().status_code == 200, 60, tolerate=(httpx.TransportError,)
@@ -404,14 +410,14 @@ def test_a_worker_whose_slot_is_taken_exits_and_uvicorn_replaces_it(
     server = shutdown_server(pg_url, tmp_path / "server.log", workers=2, token=TOKEN)
     server.start(ready_timeout=120)
     try:
-        workers = live_workers(server, 2)
+        workers = live_workers(server, 2, 90)
         take_lease(pg_url, 1, seconds=600)
         [fence] = wait_for(
             lambda: records(server, "executor slot lost: fencing"), 30, 0.05, "the fence"
         )
         assert (fence["executor_id"], fence["pid"]) == ("shutdown-1", workers["shutdown-1"])
         wait_for(lambda: not alive(workers["shutdown-1"]), 10, 0.05, "the fenced worker to exit")
-        now = live_workers(server, 2)
+        now = live_workers(server, 2, 90)
         assert now["shutdown-0"] == workers["shutdown-0"]  # the sibling served on
         assert "shutdown-1" not in now and set(now) == {"shutdown-0", "shutdown-2"}
         assert server.running

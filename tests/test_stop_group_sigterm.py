@@ -23,8 +23,14 @@ import harness.docker as hd
 from harness.clients import ShutdownClient
 from harness.db import query
 from harness.env import remember_secrets
-from harness.fanout import children, fan_out_result, ledger_runs, shutdown_server
-from harness.proc import free_port, wait_for
+from harness.fanout import (
+    big_steps_in_flight,
+    children,
+    fan_out_result,
+    ledger_runs,
+    shutdown_server,
+)
+from harness.proc import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,23 +44,6 @@ RESTART_READY_SEC = 180
 # The rest of the fan-out: tens of CPU-seconds, minutes on a machine shared with others.
 RESTART_FINISH_SEC = 600
 DOCKER_STOP_GRACE = 10  # docker stop's default: SIGTERM, then SIGKILL after this long
-
-
-def wait_in_flight(db_url: str, workflow_id: str, at_least: int) -> dict[int, dict[str, Any]]:
-    """The fan-out's steps once ``at_least`` of its fib(MAX_N) steps are dequeued and
-    unfinished (the small first steps end within milliseconds: the signal must not land
-    in a gap between them)."""
-    found: dict[int, dict[str, Any]] = wait_for(
-        lambda: (
-            (kids := children(db_url, workflow_id))
-            and sum(c["status"] == "PENDING" for i, c in kids.items() if i >= MAX_N) >= at_least
-            and kids
-        ),
-        120,
-        0.05,
-        f"{at_least} big steps of {workflow_id} in flight",
-    )
-    return found
 
 
 def done(steps: dict[int, dict[str, Any]]) -> set[int]:
@@ -118,7 +107,7 @@ def test_a_group_sigterm_mid_fan_out_records_no_error_and_a_restart_finishes_it(
     try:
         assert first.proc is not None
         workflow_id = ShutdownClient(first.client).trigger(STEPS, MAX_N, executor="process")
-        wait_in_flight(pg_url, workflow_id, at_least=PROCESSES + 2)
+        big_steps_in_flight(pg_url, workflow_id, MAX_N, PROCESSES + 2, 120)
         # The whole process group (AppServer starts the server as a group leader): the
         # server, its pool processes and multiprocessing's resource tracker.
         os.killpg(first.proc.pid, signal.SIGTERM)
@@ -156,10 +145,10 @@ def test_docker_stop_mid_fan_out_records_no_error_and_a_new_container_finishes_i
     second = hd.Container(image, free_port(), env, options)
     try:
         first.start()
-        wait_healthy(first)
+        first.wait_serving()
         with httpx.Client(base_url=first.url, timeout=30) as http:
             workflow_id = ShutdownClient(http).trigger(STEPS, MAX_N, executor="process")
-        wait_in_flight(pg_url, workflow_id, at_least=PROCESSES + 2)
+        big_steps_in_flight(pg_url, workflow_id, MAX_N, PROCESSES + 2, 120)
         code, took = first.stop(DOCKER_STOP_GRACE)
         # 143: uvicorn stopped on the SIGTERM and re-raised it (137: SIGKILL at the end of
         # docker's grace).
@@ -167,7 +156,7 @@ def test_docker_stop_mid_fan_out_records_no_error_and_a_new_container_finishes_i
         done_at_stop = assert_stopped_without_error(pg_url, workflow_id)
 
         second.start()  # same database: the same slot, shutdown-0
-        wait_healthy(second, RESTART_READY_SEC)
+        second.wait_serving(RESTART_READY_SEC)
         with httpx.Client(base_url=second.url, timeout=30) as http:
             view = ShutdownClient(http).wait_success(workflow_id, timeout=RESTART_FINISH_SEC)
     finally:
@@ -176,15 +165,3 @@ def test_docker_stop_mid_fan_out_records_no_error_and_a_new_container_finishes_i
             container.remove()
     assert_finished_once(pg_url, workflow_id, view)
     assert_reruns_only_in_flight(ledger / "runs.txt", workflow_id, done_at_stop)
-
-
-def wait_healthy(container: hd.Container, timeout: float = 180) -> None:
-    def serving() -> bool:
-        if not container.running():
-            raise AssertionError(f"{container.name} exited:\n{container.logs()[-3000:]}")
-        try:
-            return httpx.get(f"{container.url}/healthz", timeout=10).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    hd.wait_until(serving, timeout, f"{container.name} to serve")

@@ -1,4 +1,4 @@
-"""Claims around fastapi_scope_cache.py checked against the database (issue 16, items 5, 6).
+"""fastapi_scope_cache.py's credentials cache and what DBOS stores, checked against the database.
 
 - The credentials cache fetches once per process even when two runs need the token at
   the same moment: the lock covers check-then-fetch.
@@ -25,14 +25,13 @@ from harness.clients import CacheClient
 from harness.db import query, secrets_in_database
 from harness.env import script_env
 from harness.proc import wait_for
-from harness.server import AppServer
+from harness.server import cache_server
 
-TARGET = "fastapi_scope_cache:app"
 # get_credentials() calls per default run: get_users + 5 pages + 15 steps.
 CALLS_PER_RUN = 1 + 5 + 15
 
 
-# --- item 5: one fetch for two runs at once ------------------------------------------
+# --- one fetch for two runs at once ------------------------------------------
 
 
 @pytest.mark.slow
@@ -40,8 +39,7 @@ def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
     pg_url: str, tmp_path: Path
 ) -> None:
     secret = f"cred-{uuid.uuid4().hex}"
-    server = AppServer(TARGET, script_env(pg_url, CREDENTIALS_SECRET=secret), tmp_path / "s.log")
-    with server:
+    with cache_server(pg_url, tmp_path / "s.log", secret) as server:
         assert CacheClient(server.client).cache() == {"fetches": 0, "hits": 0, "cached": False}
 
         def start(_: int) -> str:
@@ -81,7 +79,7 @@ def test_two_runs_started_at_once_in_a_fresh_process_fetch_the_credentials_once(
     assert len(fetched) == 1, fetched  # one provider call in the log, too
 
 
-# --- item 6: what DBOS stores: workflow inputs, step outputs, results; not step arguments
+# --- what DBOS stores: workflow inputs, step outputs, results; not step arguments
 
 # A workflow that reads its values from process memory (as get_users reads its token)
 # and hands each on one way: only as a step's argument, to a step that returns it, to a

@@ -1,4 +1,4 @@
-"""Claim of integration.py checked against the database (issue 16, item 2): the table's
+"""integration.py checked against the database: the table's
 primary key (run, key) with ``ON CONFLICT DO NOTHING`` is the second line of defence.
 
 A page's recording transaction that runs twice (here: the page workflow run twice for

@@ -1,4 +1,5 @@
-"""Claims of fastapi_scope_shutdown.py checked against the database (issue 16, items 1, 3, 4).
+"""fastapi_scope_shutdown.py's progress count, queue limits and health check, checked
+against the database.
 
 - ``GET /workflows/{id}``'s ``progress.done`` counts the fan-out's children in SUCCESS:
   every read lies between two counts of SUCCESS children taken around it, and is below
@@ -16,8 +17,6 @@ Real uvicorn processes, a real Postgres (a private throwaway cluster for the out
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -57,7 +56,7 @@ def successes(children: dict[str, str]) -> int:
     return sum(status == "SUCCESS" for status in children.values())
 
 
-# --- item 1: progress is the count of SUCCESS children -------------------------------
+# --- progress is the count of SUCCESS children -------------------------------
 
 
 @pytest.mark.slow
@@ -102,7 +101,7 @@ def test_progress_done_lies_between_success_counts_taken_around_each_read(
     assert any(r[1] > 0 for r in during), reads
 
 
-# --- item 3: the 50-way limit and the per-worker limit, reached ---------------------
+# --- the 50-way limit and the per-worker limit, reached ---------------------
 
 # The fewest workers whose shares (rounded up) add up to more than the queue's limit:
 # only the queue-wide limit can then stop the last step.
@@ -202,30 +201,10 @@ def serving_executors(server: AppServer) -> set[str]:
     return {r["executor_id"] for r in server.records(strict=False) if r.get("message") == "serving"}
 
 
-@pytest.mark.slow
-def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
-    pg_url: str, tmp_path: Path
-) -> None:
-    """WORKERS processes (3: 3 x 17 = 51 > 50, so only the queue-wide limit can stop the
-    51st) serve the demo; UNITS (60) units of its step become ENQUEUED at one instant.
-    The most units holding a queue slot at once is exactly QUEUE_CONCURRENCY (50); per
-    executor it is at most its share SHARE (17), and one executor reaches it.
-
-    Measured with ``held``: spans that lie inside the time each slot was really held,
-    so their peak is never above the real one (a correct queue never fails this) and
-    shows 50 only if 50 were held at once. Each worker's pool has one process
-    (FIB_PROCESSES=1): the units a worker holds wait there in turn, so the ones claimed
-    together stay held for seconds. Checked against planted faults: with
-    global_concurrency=500 the peak read 51; without worker_concurrency one executor
-    held 50.
-
-    Why a batch released at once rather than a fan-out through POST /trigger_async: the
-    fan-out enqueues its steps one by one while the queue polls (measured on 2 shared
-    cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
-    steps pile up to 50 only if each lasts many seconds."""
-    assert fastapi_scope_shutdown.MAX_SLOTS >= WORKERS  # the app allows this many workers
-    assert UNITS > WORKERS * SHARE > fastapi_scope_shutdown.QUEUE_CONCURRENCY
-    batch = f"claims-{uuid.uuid4().hex[:8]}"
+def run_released_batch(pg_url: str, tmp_path: Path, batch: str) -> set[str]:
+    """WORKERS workers serve while UNITS units of ``batch`` are enqueued to be released
+    at one instant, and run until every unit has finished. Returns the executor ids
+    that served."""
     server = shutdown_server(
         pg_url,
         tmp_path / "server.log",
@@ -254,6 +233,34 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
         )
         assert server.running
         executors = serving_executors(server)
+    return executors
+
+
+@pytest.mark.slow
+def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """WORKERS processes (3: 3 x 17 = 51 > 50, so only the queue-wide limit can stop the
+    51st) serve the demo; UNITS (60) units of its step become ENQUEUED at one instant.
+    The most units holding a queue slot at once is exactly QUEUE_CONCURRENCY (50); per
+    executor it is at most its share SHARE (17), and one executor reaches it.
+
+    Measured with ``held``: spans that lie inside the time each slot was really held,
+    so their peak is never above the real one (a correct queue never fails this) and
+    shows 50 only if 50 were held at once. Each worker's pool has one process
+    (FIB_PROCESSES=1): the units a worker holds wait there in turn, so the ones claimed
+    together stay held for seconds. Checked against planted faults: with
+    global_concurrency=500 the peak read 51; without worker_concurrency one executor
+    held 50.
+
+    Why a batch released at once rather than a fan-out through POST /trigger_async: the
+    fan-out enqueues its steps one by one while the queue polls (measured on 2 shared
+    cores: 90 steps over 8 s, never more than 26 bodies at once with fib(30)), so its
+    steps pile up to 50 only if each lasts many seconds."""
+    assert fastapi_scope_shutdown.MAX_SLOTS >= WORKERS  # the app allows this many workers
+    assert UNITS > WORKERS * SHARE > fastapi_scope_shutdown.QUEUE_CONCURRENCY
+    batch = f"claims-{uuid.uuid4().hex[:8]}"
+    executors = run_released_batch(pg_url, tmp_path, batch)
     found = batch_units(pg_url, batch)
     assert ledger_runs(tmp_path / "ledger.txt", batch) == Counter(range(UNITS))  # once each
     assert {u["executor_id"] for u in found} <= executors
@@ -269,26 +276,16 @@ def test_enough_workers_run_exactly_50_steps_at_once_and_each_at_most_its_share(
     assert max(peaks.values()) == SHARE, peaks
 
 
-# --- item 4: /healthz asks the database ---------------------------------------------
+# --- /healthz asks the database ---------------------------------------------
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[pgcluster.Cluster]:
-    """A private Postgres cluster this test may stop (never the shared server).
-
-    Its files live outside pytest's temporary directory, which a second pytest session
-    makes private (mode 700) while the server runs as the postgres user.
-    """
+    """A private Postgres cluster this test may stop (never the shared server)."""
     if pgcluster.find_bindir() is None:
         pytest.skip("no PostgreSQL server binaries (pg_ctl) for a private cluster")
-    workdir = Path(tempfile.mkdtemp(prefix="experiment6-claims-"))
-    cluster = pgcluster.Cluster(workdir / "pg")
-    try:
+    with pgcluster.private_cluster(keep_log=tmp_path / "postgres-server.txt") as cluster:
         yield cluster
-    finally:
-        cluster.close()
-        shutil.copy(workdir / "pg" / "server.log", tmp_path / "postgres-server.txt")
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.slow
