@@ -1,0 +1,112 @@
+"""DBOS in the test process, as DBOS's own suite runs it: one instance at a time, on the
+test's own database, destroyed after the test (the registry of decorated functions is
+kept: the scripts register their workflows once, at import).
+
+A script's ``main`` or an app's lifespan runs here unchanged, configured only through
+the environment (``script_env``), with its JSON lines captured from stdout. What a new
+process would start with (module counters) is reset by the test, and a crash that
+needs no real process death is ``die``: the workflow's thread ends at that point and
+DBOS records nothing more, so the run stays PENDING with the steps it checkpointed,
+as a killed process leaves it; the next launch recovers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import pytest
+from dbos import DBOS
+
+from harness.env import outputs, script_env
+from harness.proc import ScriptResult, parse_json_lines
+
+# Loggers the scripts' logging setup rewires (lab/logs.py, integration.py's quiet ones).
+_REWIRED = ("dbos", "uvicorn", "uvicorn.error", "uvicorn.access", "werkzeug", "botocore", "boto3")
+
+
+class ProcessDeath(BaseException):
+    """Ends a workflow's thread the way a crash ends the process: DBOS's workflow
+    wrapper records an ``Exception`` as the run's error, but lets a ``BaseException``
+    through without recording anything."""
+
+
+def die(**context: Any) -> NoReturn:
+    """Stands in for ``lab.signals.crash`` (which ends the whole process)."""
+    raise ProcessDeath(context)
+
+
+def use_environment(monkeypatch: pytest.MonkeyPatch, db_url: str | None, **extra: str) -> None:
+    """The environment a script would get from ``script_env``, set in this process
+    (and restored by ``monkeypatch`` after the test)."""
+    wanted = script_env(db_url, **extra)
+    for name in set(os.environ) - set(wanted):
+        monkeypatch.delenv(name)
+    for name, value in wanted.items():
+        monkeypatch.setenv(name, value)
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Put back the handlers, filters and levels the scripts' logging setup replaces
+    (their JSON handler writes to the stream captured for one run only)."""
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    saved = {
+        name: (lg.handlers[:], lg.filters[:], lg.level, lg.propagate)
+        for name in _REWIRED
+        for lg in [logging.getLogger(name)]
+    }
+    try:
+        yield
+    finally:
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
+        for name, (handlers, filters, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:], lg.filters[:] = handlers, filters
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+class Output:
+    """What the code run in this process printed on stdout (its JSON log lines)."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def result(self) -> ScriptResult:
+        text = self.stream.getvalue()
+        outputs.append(text)  # scanned for secrets after the test (tests/conftest.py)
+        return ScriptResult(0, text, "", parse_json_lines(text))
+
+
+@contextlib.contextmanager
+def stdout_captured() -> Iterator[Output]:
+    """Capture stdout while the block runs: a logging setup done inside it writes there."""
+    output = Output()
+    with contextlib.redirect_stdout(output.stream):
+        yield output
+
+
+def run_main(main: Callable[[list[str]], None], *argv: str) -> ScriptResult:
+    """``python <script>.py argv``, in this process: its stdout as a ``ScriptResult``."""
+    with stdout_captured() as output:
+        main(list(argv))
+    return output.result()
+
+
+@pytest.fixture
+def in_process() -> Iterator[None]:
+    """DBOS may be launched by the test; none is left running after it, and logging is
+    as it was."""
+    DBOS.destroy(destroy_registry=False)
+    with logging_restored():
+        try:
+            yield
+        finally:
+            DBOS.destroy(destroy_registry=False)
