@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import pytest
 from dbos import DBOS
+from fastapi.testclient import TestClient
 
 from harness.env import outputs, script_env
 from harness.proc import ScriptResult, parse_json_lines
@@ -110,3 +111,11 @@ def in_process() -> Iterator[None]:
             yield
         finally:
             DBOS.destroy(destroy_registry=False)
+
+
+@contextlib.contextmanager
+def served(app: Any) -> Iterator[tuple[TestClient, Output]]:
+    """An app served in this process, its lifespan (which launches and destroys DBOS)
+    run by Starlette's ``TestClient``; the client, and the app's stdout."""
+    with stdout_captured() as output, TestClient(app) as client:
+        yield client, output
