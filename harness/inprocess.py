@@ -116,6 +116,11 @@ def in_process() -> Iterator[None]:
 @contextlib.contextmanager
 def served(app: Any) -> Iterator[tuple[TestClient, Output]]:
     """An app served in this process, its lifespan (which launches and destroys DBOS)
-    run by Starlette's ``TestClient``; the client, and the app's stdout."""
-    with stdout_captured() as output, TestClient(app) as client:
-        yield client, output
+    run by Starlette's ``TestClient``; the client, and the app's stdout (scanned for
+    secrets after the test)."""
+    with stdout_captured() as output:
+        try:
+            with TestClient(app) as client:
+                yield client, output
+        finally:
+            output.result()
