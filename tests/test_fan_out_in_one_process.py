@@ -62,19 +62,20 @@ def test_bad_parameters_are_422_and_without_a_token_stopping_is_disabled(
     use_environment(monkeypatch, sqlite_url, FIB_PROCESSES="1")
     with served(demo.app) as (client, _):
         api = ShutdownClient(client)
-        for params, field in [
+        bad: list[tuple[dict[str, int], str]] = [
             ({"steps": 0}, "steps"),
             ({"steps": demo.MAX_STEPS + 1}, "steps"),
             ({"max_n": -1}, "max_n"),
             ({"max_n": demo.MAX_MAX_N + 1}, "max_n"),
-        ]:
+        ]
+        for params, field in bad:
             answer = client.post("/trigger_async", params=params)
             assert answer.status_code == 422, params
             assert [e["loc"] for e in answer.json()["detail"]] == [["query", field]]
         disabled = api.shutdown(token=TOKEN)
         assert disabled.status_code == 403 and "SHUTDOWN_TOKEN" in disabled.json()["detail"]
         spec = client.get("/openapi.json").json()
-        params = {p["name"]: p for p in spec["paths"]["/trigger_async"]["post"]["parameters"]}
-        assert params["steps"]["schema"]["maximum"] == demo.MAX_STEPS
-        assert params["max_n"]["schema"]["maximum"] == demo.MAX_MAX_N
+        documented = {p["name"]: p for p in spec["paths"]["/trigger_async"]["post"]["parameters"]}
+        assert documented["steps"]["schema"]["maximum"] == demo.MAX_STEPS
+        assert documented["max_n"]["schema"]["maximum"] == demo.MAX_MAX_N
         assert api.healthz().json()["database"] == "sqlite"
