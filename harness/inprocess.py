@@ -101,12 +101,30 @@ def run_main(main: Callable[[list[str]], None], *argv: str) -> ScriptResult:
     return output.result()
 
 
+@contextlib.contextmanager
+def instances_restored() -> Iterator[None]:
+    """Forget the configured instances a script's ``main`` created (integration.py's
+    ``S3Inventory``): they belong to that run, as to a process, and DBOS refuses a
+    second instance under the same name. DBOS has no public API for this; its own
+    suite drops the whole registry instead, which would also drop what the scripts
+    registered at import."""
+    from dbos._dbos import _get_or_create_dbos_registry
+
+    instances = _get_or_create_dbos_registry().instance_info_map
+    saved = dict(instances)
+    try:
+        yield
+    finally:
+        instances.clear()
+        instances.update(saved)
+
+
 @pytest.fixture
 def in_process() -> Iterator[None]:
-    """DBOS may be launched by the test; none is left running after it, and logging is
-    as it was."""
+    """DBOS may be launched by the test; none is left running after it, and logging and
+    the configured instances are as they were."""
     DBOS.destroy(destroy_registry=False)
-    with logging_restored():
+    with logging_restored(), instances_restored():
         try:
             yield
         finally:
