@@ -5,6 +5,8 @@ resumed by the next launch, which runs only steps 3..5, on a new instance."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from dbos import DBOS
 
@@ -103,3 +105,14 @@ def test_with_nothing_pending_a_launch_starts_a_fresh_workflow(
     second = run(monkeypatch, "--steps", "2", "--step-seconds", "0").summary
     assert second["workflow_id"] != first["workflow_id"]
     assert (second["recovered"], second["steps"], second["executed_here"]) == (False, 2, 2)
+
+
+@pytest.mark.usefixtures("sqlite_supported")  # runs on the default SQLite
+def test_the_default_database_is_experiment6_sqlite_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_environment(monkeypatch, None)
+    monkeypatch.chdir(tmp_path)
+    s = run(monkeypatch, *ARGS).summary
+    db = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    assert workflow_rows(db, s["workflow_id"])["status"] == "SUCCESS"
