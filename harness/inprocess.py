@@ -13,10 +13,13 @@ as a killed process leaves it; the next launch recovers it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any, NoReturn
 
 import pytest
@@ -117,6 +120,40 @@ def instances_restored() -> Iterator[None]:
     finally:
         instances.clear()
         instances.update(saved)
+
+
+@contextlib.contextmanager
+def registry_in_use(registry: Any) -> Iterator[None]:
+    """Make ``registry`` the one DBOS registers into and launches with, for the block.
+
+    DBOS keeps one process-wide registry of decorated functions (``DBOS.destroy(
+    destroy_registry=True)`` is its public way to drop it); swapping it is how two
+    scripts that define the same names share a test process."""
+    import dbos._dbos as internals
+
+    saved = internals._dbos_global_registry
+    internals._dbos_global_registry = registry
+    try:
+        yield
+    finally:
+        internals._dbos_global_registry = saved
+
+
+def import_apart(name: str) -> tuple[ModuleType, Any]:
+    """Import script ``name`` with its DBOS registrations in a registry of its own:
+    ``scope.py`` and ``fastapi_scope.py`` both define ``A.run``, which one registry
+    refuses. Returns the module and its registry (for ``registry_in_use``)."""
+    from dbos._dbos import DBOSRegistry
+
+    module = sys.modules.get(name)
+    if module is None:
+        fresh = DBOSRegistry()
+        with registry_in_use(fresh):
+            module = importlib.import_module(name)
+        module._inprocess_registry = fresh  # type: ignore[attr-defined]
+    registry = getattr(module, "_inprocess_registry", None)
+    assert registry is not None, f"{name} was imported before, into DBOS's shared registry"
+    return module, registry
 
 
 @pytest.fixture

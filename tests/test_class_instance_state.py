@@ -5,20 +5,34 @@ resumed by the next launch, which runs only steps 3..5, on a new instance."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dbos import DBOS
 
-import scope
 from harness.db import step_outputs, workflow_rows
-from harness.inprocess import die, in_process, run_main, use_environment  # noqa: F401
+from harness.inprocess import (
+    die,
+    import_apart,
+    in_process,  # noqa: F401
+    registry_in_use,
+    run_main,
+    use_environment,
+)
 from harness.proc import ScriptResult
 
-pytestmark = pytest.mark.usefixtures("in_process")
+# fastapi_scope.py defines the same A.run, in DBOS's shared registry.
+scope, SCOPE_REGISTRY = import_apart("scope")
 
 ARGS = ("--steps", "5", "--step-seconds", "0")
 STEPS = [(i, "A.step") for i in range(1, 6)]
+
+
+@pytest.fixture(autouse=True)
+def scope_registry(in_process: None) -> Iterator[None]:  # noqa: F811
+    with registry_in_use(SCOPE_REGISTRY):
+        yield
 
 
 def new_process(monkeypatch: pytest.MonkeyPatch) -> None:
