@@ -105,21 +105,26 @@ def run_main(main: Callable[[list[str]], None], *argv: str) -> ScriptResult:
 
 
 @contextlib.contextmanager
-def instances_restored() -> Iterator[None]:
-    """Forget the configured instances a script's ``main`` created (integration.py's
-    ``S3Inventory``): they belong to that run, as to a process, and DBOS refuses a
-    second instance under the same name. DBOS has no public API for this; its own
-    suite drops the whole registry instead, which would also drop what the scripts
-    registered at import."""
+def registrations_restored() -> Iterator[None]:
+    """Forget what a run registered at run time, as a process would on exit: the
+    configured instances and datasources ``main`` created (integration.py's
+    ``S3Inventory`` and its datasource; DBOS refuses a second instance under the same
+    name, and a later launch would connect to a datasource of a dropped database), and
+    the destroyed DBOS, which the registry would still count as launched (DBOS then
+    refuses new datasources). DBOS has no public API for this; its own suite drops the
+    whole registry, which would also drop what the scripts registered at import."""
     from dbos._dbos import _get_or_create_dbos_registry
 
-    instances = _get_or_create_dbos_registry().instance_info_map
-    saved = dict(instances)
+    registry = _get_or_create_dbos_registry()
+    instances, datasources = dict(registry.instance_info_map), list(registry.datasources)
+    registry.dbos = None  # called with no DBOS alive (after DBOS.destroy)
     try:
         yield
     finally:
-        instances.clear()
-        instances.update(saved)
+        registry.instance_info_map.clear()
+        registry.instance_info_map.update(instances)
+        registry.datasources[:] = datasources
+        registry.dbos = None
 
 
 @contextlib.contextmanager
@@ -159,9 +164,9 @@ def import_apart(name: str) -> tuple[ModuleType, Any]:
 @pytest.fixture
 def in_process() -> Iterator[None]:
     """DBOS may be launched by the test; none is left running after it, and logging and
-    the configured instances are as they were."""
+    DBOS's registry are as they were."""
     DBOS.destroy(destroy_registry=False)
-    with logging_restored(), instances_restored():
+    with logging_restored(), registrations_restored():
         try:
             yield
         finally:
