@@ -184,3 +184,8 @@ def served(app: Any) -> Iterator[tuple[TestClient, Output]]:
                 yield client, output
         finally:
             output.result()
+
+
+def picked(record: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The fields ``keys`` of a log record, to compare in one assertion."""
+    return {key: record.get(key) for key in keys}

@@ -39,12 +39,8 @@ def test_one_fetch_per_process_and_the_secret_stays_out_of_rows_and_logs(
         assert api.cache() == {"fetches": 1, "hits": 2 * CALLS_PER_RUN - 1, "cached": True}
         assert secret not in client.get("/cache").text
     assert workflow_rows(pg_url, wf1)["name"] == "get_users"
-    children = query(
-        pg_url,
-        "SELECT name, status FROM dbos.workflow_status WHERE parent_workflow_id = %s",
-        wf1,
-    )
-    assert children == [("get_users_page", "SUCCESS")] * 5
+    pages = "SELECT name, status FROM dbos.workflow_status WHERE parent_workflow_id = %s"
+    assert query(pg_url, pages, wf1) == [("get_users_page", "SUCCESS")] * 5
     described = [(r["page"], r["user"]) for r in output.result().messages("describe_user")]
     assert sorted(described) == sorted(ALL_USERS * 2)  # each user once per run
     assert secrets_in_database(pg_url) == {}

@@ -5,6 +5,8 @@ stay readable from the database; parameters outside the limits are a 422."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 import fastapi_scope as app
 from harness.clients import ScopeClient
 from harness.db import query, step_outputs, workflow_rows
-from harness.inprocess import in_process, served, use_environment  # noqa: F401
+from harness.inprocess import in_process, picked, served, use_environment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -37,13 +39,19 @@ def new_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app.tally, "counter", 0)
 
 
+@contextlib.contextmanager
+def new_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScopeClient]:
+    """The app served as a freshly started process would serve it."""
+    new_process(monkeypatch)
+    with served(app.app) as (client, _):
+        yield ScopeClient(client)
+
+
 def test_sync_async_and_instance_triggers_record_their_steps(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     use_environment(monkeypatch, db_url)
-    new_process(monkeypatch)
-    with served(app.app) as (client, _):
-        api = ScopeClient(client)
+    with new_server(monkeypatch) as api:
         sync = api.trigger_sync(**FAST)
         assert sync.status_code == 200, sync.text
         body = sync.json()
@@ -56,21 +64,18 @@ def test_sync_async_and_instance_triggers_record_their_steps(
         assert api.wait_finished(async_id, timeout=30)["result"]["instance_counter"] == 3
         assert step_outputs(db_url, async_id) == [(i, "A.step") for i in (1, 2, 3)]
 
-        inst = api.instance_trigger_sync(**FAST)
-        assert inst.json()["result"] == {
-            "steps": 3,
-            "config_name": "tally",
-            "counter_before": 0,
-            "counter_after": 3,
-        }
-        inst_id = inst.json()["workflow_id"]
-        assert query(
-            db_url,
+        # The configured instance's workflow: DBOS records its class and name.
+        inst = api.instance_trigger_sync(**FAST).json()
+        tallied = ("steps", "config_name", "counter_before", "counter_after")
+        assert picked(inst["result"], *tallied) == dict(
+            zip(tallied, (3, "tally", 0, 3), strict=True)
+        )
+        recorded = (
             "SELECT class_name, config_name, status FROM dbos.workflow_status "
-            "WHERE workflow_uuid = %s",
-            inst_id,
-        ) == [("Tally", "tally", "SUCCESS")]
-        missing = client.get("/workflows/no-such-workflow")
+            "WHERE workflow_uuid = %s"
+        )
+        assert query(db_url, recorded, inst["workflow_id"]) == [("Tally", "tally", "SUCCESS")]
+        missing = api.get_workflow("no-such-workflow")
         assert missing.status_code == 404
         assert "no workflow with id 'no-such-workflow'" in missing.json()["detail"]
 
@@ -79,9 +84,7 @@ def test_process_state_grows_and_resets_on_restart_while_results_stay(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     use_environment(monkeypatch, pg_url)
-    new_process(monkeypatch)
-    with served(app.app) as (client, _):
-        api = ScopeClient(client)
+    with new_server(monkeypatch) as api:
         a1 = api.trigger_sync(**FAST).json()
         a2 = api.trigger_sync(steps=2, step_seconds=0).json()
         t1 = api.instance_trigger_sync(**FAST).json()
@@ -92,9 +95,7 @@ def test_process_state_grows_and_resets_on_restart_while_results_stay(
         assert (grown["triggers"], grown["step_bodies_run"]) == (4, 3 + 2 + 3 + 2)
         assert (grown["tally_counter"], grown["class_counter"]) == (5, 0)
 
-    new_process(monkeypatch)
-    with served(app.app) as (client, _):
-        api = ScopeClient(client)
+    with new_server(monkeypatch) as api:
         fresh = api.counters()
         assert (fresh["triggers"], fresh["step_bodies_run"], fresh["tally_counter"]) == (0, 0, 0)
         for old in (a1, a2, t1, t2):
