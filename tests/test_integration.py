@@ -324,6 +324,7 @@ def test_rate_and_concurrency_limits_hold_in_workflow_status(pg_url: str, s3_end
     assert starts[-1] - starts[0] >= 2000
 
 
+@pytest.mark.slow
 def test_static_methods_holding_the_client_fail_with_a_pickling_error(
     pg_url: str, s3_endpoint: str
 ) -> None:

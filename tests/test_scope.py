@@ -13,6 +13,7 @@ from harness.proc import run_script
 ARGS = ("--steps", "5", "--step-seconds", "0")
 
 
+@pytest.mark.slow
 def test_clean_run_counts_on_the_instance_not_the_class(db_url: str) -> None:
     result = run_script("scope.py", *ARGS, env=script_env(db_url))
     assert result.returncode == 0, result.stderr
@@ -75,6 +76,7 @@ def test_nothing_to_resume_starts_a_fresh_workflow(sqlite_url: str) -> None:
     assert (second["recovered"], second["steps"], second["executed_here"]) == (False, 2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("sqlite_supported")  # runs on the default SQLite
 def test_default_database_is_experiment6_sqlite_in_the_working_directory(
     tmp_path: Path,
@@ -86,6 +88,7 @@ def test_default_database_is_experiment6_sqlite_in_the_working_directory(
     assert workflow_rows(db, result.summary["workflow_id"])["status"] == "SUCCESS"
 
 
+@pytest.mark.slow
 def test_every_stdout_line_is_json_with_the_stable_fields(sqlite_url: str) -> None:
     result = run_script("scope.py", *ARGS, env=script_env(sqlite_url))
     assert result.returncode == 0
