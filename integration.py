@@ -507,18 +507,18 @@ def show_static_pattern_fails(s3: Any, args: argparse.Namespace) -> None:
     fail("static-method pattern unexpectedly started", code=1)
 
 
-def summary(
-    args: argparse.Namespace, ds: SQLAlchemyDatasource, table: sa.Table, kind: str, run_id: str
+def page_timing(
+    args: argparse.Namespace, engine: sa.Engine, kind: str, run_id: str
 ) -> dict[str, Any]:
-    """What the run recorded and how its page workflows were timed, from the databases."""
-    times = page_workflow_times(ds.engine, kind, run_id)
+    """How the run's page workflows were timed against the queue's limits, from the
+    system database."""
+    times = page_workflow_times(engine, kind, run_id)
     starts = [s for s, _ in times if s is not None]
     intervals = [(s, e) for s, e in times if s is not None and e is not None]
     # DBOS stamps SQLite rows with whole seconds before Python 3.12: too coarse
     # for overlaps (the rate window is still right: DBOS's limiter sees the same).
     resolution_ms = 1000 if kind == "sqlite" and sys.version_info < (3, 12) else 1
     return {
-        "recorded": count_recorded(ds.engine, table, run_id),
         "rate_limit": {"limit": args.rate_limit, "period": args.rate_period},
         "max_started_per_window": max_started_per_window(starts, int(args.rate_period * 1000)),
         "concurrency": args.concurrency,
@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         result = handle.get_result(polling_interval_sec=QUEUE_POLLING_SEC)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         fail(f"inventory {run_id} failed: {type(exc).__name__}: {exc}", code=1)
-    measured = summary(args, ds, table, kind, run_id)
+    recorded = count_recorded(ds.engine, table, run_id)
+    timing = page_timing(args, ds.engine, kind, run_id)
     DBOS.destroy()
     if server is not None:
         server.stop()
@@ -572,8 +573,9 @@ def main(argv: list[str] | None = None) -> None:
             "local_s3": server is not None,
             "pages": result["pages"],
             "objects": result["objects"],
+            "recorded": recorded,
             "inserted": result["inserted"],
-            **measured,
+            **timing,
         },
     )
 
