@@ -10,22 +10,21 @@ Run it, what to observe and what it means: docs/fastapi_scope.md.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from dbos import DBOS, DBOSConfiguredInstance, SetWorkflowID
 from fastapi import FastAPI, Query
 
-from lab.config import config_or_exit, redacted
-from lab.launch import launch_async, serve
-from lab.logs import setup_logging, uvicorn_logging
+from lab.config import ServeSettings
+from lab.launch import SettingsAtStart, dbos_lifespan, serve
+from lab.logs import uvicorn_logging
 from lab.views import workflow_view
 
 APP = "fastapi-scope"
@@ -126,16 +125,13 @@ class Tally(DBOSConfiguredInstance):
 # DBOS finds configured instances by name, so they must exist before DBOS.launch()
 # (recovery looks this one up): created at import, like a decorator registration.
 tally = Tally("tally")
+settings = SettingsAtStart(ServeSettings.load)
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    setup_logging(APP)
-    config = config_or_exit(APP)
-    await launch_async(config)
-    log.info("serving", extra={"database": redacted(config["system_database_url"])})
-    yield
-    await asyncio.to_thread(DBOS.destroy)
+    async with dbos_lifespan(APP, settings):
+        yield
 
 
 app = FastAPI(
@@ -153,6 +149,17 @@ def _step_seconds(maximum: float) -> Any:
     return Query(ge=0, le=maximum, description=f"sleep in each step, 0..{maximum} s")
 
 
+def _run_to_end(
+    workflow: Callable[[int, float], dict[str, Any]], steps: int, step_seconds: float
+) -> dict[str, Any]:
+    """Run ``workflow`` to completion inside the request, under an id chosen here."""
+    _count("triggers")
+    workflow_id = str(uuid.uuid4())
+    with SetWorkflowID(workflow_id):
+        result = workflow(steps, step_seconds)
+    return {"workflow_id": workflow_id, "status": "SUCCESS", "result": result}
+
+
 # `def` endpoints run on a worker thread, where the workflow may block until it ends.
 @app.post("/trigger_sync")
 def trigger_sync(
@@ -160,11 +167,7 @@ def trigger_sync(
     step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = DEFAULT_STEP_SECONDS,
 ) -> dict[str, Any]:
     """Run ``A.run`` to completion inside the request (at most 10 s)."""
-    _count("triggers")
-    workflow_id = str(uuid.uuid4())
-    with SetWorkflowID(workflow_id):
-        result = A.run(steps, step_seconds)
-    return {"workflow_id": workflow_id, "status": "SUCCESS", "result": result}
+    return _run_to_end(A.run, steps, step_seconds)
 
 
 # `DBOS.start_workflow_async` only takes `async def` workflows; `A.run` is sync, so
@@ -189,11 +192,7 @@ def instance_trigger_sync(
     step_seconds: Annotated[float, _step_seconds(SYNC_MAX_STEP_SECONDS)] = DEFAULT_STEP_SECONDS,
 ) -> dict[str, Any]:
     """Run the workflow method of the long-lived ``tally`` to completion (at most 10 s)."""
-    _count("triggers")
-    workflow_id = str(uuid.uuid4())
-    with SetWorkflowID(workflow_id):
-        result = tally.run(steps, step_seconds)
-    return {"workflow_id": workflow_id, "status": "SUCCESS", "result": result}
+    return _run_to_end(tally.run, steps, step_seconds)
 
 
 @app.get("/counters")
@@ -216,8 +215,7 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    setup_logging(APP)
-    serve(app)
+    serve(app, APP, settings)
 
 
 if __name__ == "__main__":

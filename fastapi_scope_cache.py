@@ -10,7 +10,6 @@ Run it, what to observe and what it means: docs/fastapi_scope_cache.md.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -19,14 +18,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from dbos import DBOS
 from fastapi import FastAPI, Query
 
-from lab.config import config_or_exit, redacted
-from lab.launch import launch_async, serve
-from lab.logs import setup_logging, uvicorn_logging
+from lab.config import Environ, ServeSettings, text_env
+from lab.launch import SettingsAtStart, dbos_lifespan, serve
+from lab.logs import uvicorn_logging
 from lab.views import workflow_view
 
 APP = "fastapi-scope-cache"
@@ -40,6 +40,20 @@ PROVIDER_SECONDS = 0.5
 DEFAULT_PAGES, MAX_PAGES = 5, 10
 DEFAULT_USERS_PER_PAGE, MAX_USERS_PER_PAGE = 3, 10
 DEFAULT_STEP_SECONDS, MAX_STEP_SECONDS = 0.0, 0.5
+
+
+@dataclass(frozen=True)
+class CacheSettings(ServeSettings):
+    # CREDENTIALS_SECRET: what the demo provider returns; empty: a random one per process.
+    credentials_secret: str = field(default="", repr=False)
+
+    @classmethod
+    def load(cls, env: Environ = os.environ) -> CacheSettings:
+        serve = ServeSettings.load(env)
+        return cls(serve.database, serve.port, text_env("CREDENTIALS_SECRET", env=env))
+
+
+settings = SettingsAtStart(CacheSettings.load)
 
 # --- credentials: process memory only ------------------------------------------
 
@@ -63,7 +77,7 @@ def fetch_from_provider() -> str:
     """The demo credentials provider: slow, like a secrets manager."""
     global _random_secret
     time.sleep(PROVIDER_SECONDS)
-    secret = os.environ.get("CREDENTIALS_SECRET", "")
+    secret = settings.get().credentials_secret
     if secret:
         return secret
     if _random_secret is None:
@@ -137,12 +151,8 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     # Not warmed: the lazy path is the one recovery depends on, and a provider outage
     # does not stop the server from starting.
     clear_cache()  # before launch: recovered workflows fetch on first use
-    setup_logging(APP)
-    config = config_or_exit(APP)
-    await launch_async(config)
-    log.info("serving", extra={"database": redacted(config["system_database_url"])})
-    yield
-    await asyncio.to_thread(DBOS.destroy)
+    async with dbos_lifespan(APP, settings):
+        yield
     clear_cache()  # no secret in memory once no workflow can use it
 
 
@@ -198,8 +208,7 @@ async def get_workflow(workflow_id: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    setup_logging(APP)
-    serve(app)
+    serve(app, APP, settings)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ from shutdown import page, pool
 from shutdown.admission import STEPS_ATTRIBUTE, Admission
 from shutdown.fib import fib  # its own module: a pool process imports it, and nothing else
 from shutdown.health import HealthCheck
-from shutdown.slots import REJOIN_ENV, ExecutorSlots
+from shutdown.settings import DEFAULT_MAX_QUEUED_STEPS as DEFAULT_MAX_QUEUED_STEPS
+from shutdown.settings import MAX_MAX_QUEUED_STEPS as MAX_MAX_QUEUED_STEPS
+from shutdown.settings import MAX_SLOTS, ShutdownSettings
+from shutdown.slots import ExecutorSlots
 
 APP = "shutdown"
 log = logging.getLogger("fastapi_scope_shutdown")
@@ -51,7 +54,7 @@ def worker_concurrency(workers: int) -> int:
     claims min(its own room, limit - running)). One worker takes every slot, so a
     default fan-out is claimed as it is enqueued, not in waves one poll apart. DBOS
     keeps it in the queue's row, shared by all workers: every worker of one run
-    registers the same value (main() passes WORKERS on)."""
+    registers the same value (each loads the same WORKERS, see shutdown/settings.py)."""
     return -(-QUEUE_CONCURRENCY // workers)
 
 
@@ -75,7 +78,6 @@ UVICORN_GRACEFUL_SEC = 5
 # loaded machine): at uvicorn's default, 5 s, workers on a busy 2-core machine were
 # killed before they could answer, in a loop. A hung worker is replaced this much later.
 WORKER_HEALTHCHECK_SEC = 30
-MAX_SLOTS = 32
 # Executor-slot leases (shutdown/slots.py), timed on the database's clock. A process renews
 # its lease every RENEW_EVERY_SEC; one that could not confirm it for FENCE_SEC stops
 # all work at once (it fences itself); a peer may take an unrenewed slot over
@@ -115,6 +117,7 @@ slots = ExecutorSlots(
     on_fence=fence,
     logger=log,
 )
+settings: ShutdownSettings | None = None  # read once at start: main(), else the lifespan
 health: HealthCheck | None = None  # made at startup, once the URL is known
 serving = False  # DBOS runs as this process's executor (its slot claimed)
 # How long a stop waits for a claim in progress to give up (one attempt's bound).
@@ -130,15 +133,13 @@ OPEN_WHILE_REJOINING = ("/healthz", "/openapi.json", "/docs", "/redoc")
 Executor = Literal["process", "thread"]
 
 
-def pool_size() -> int:
-    return config.int_env("FIB_PROCESSES", pool.usable_cores(), 1, pool.MAX_PROCESSES)
-
-
 @DBOS.step()
 def fib_step(index: int, n: int, executor: Executor = "process") -> int:
-    ledger = os.environ.get("FIB_LEDGER")
+    ledger = settings.fib_ledger if settings is not None else ""
     if ledger:
-        # One short O_APPEND write per body execution: atomic across processes.
+        # The tests' witness of body executions, written before the body runs: one
+        # short O_APPEND write, atomic across worker and pool processes, that a
+        # SIGKILL cannot lose (why not a log line: docs/fastapi_scope_shutdown.md).
         with open(ledger, "a") as f:
             f.write(f"{index} {os.getpid()} {DBOS.workflow_id} {executor}\n")
     return pool.run(fib, n) if executor == "process" else fib(n)
@@ -175,18 +176,27 @@ def every_five_seconds(scheduled_time: datetime, context: Any) -> None:
 # --- the service --------------------------------------------------------------
 
 
-async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
-    """Claim a slot, start the pool and DBOS, register the queue and the schedule."""
+def queue_sharers(workers: int) -> int:
+    """The processes that share the queue: the server's WORKERS when this is one of
+    uvicorn's worker processes, else this process alone (``uvicorn ...:app``, as in the
+    Docker image, or WORKERS=1: the whole queue is its share)."""
+    return workers if signals.master_pid() is not None else 1
+
+
+async def start_serving(cfg: dict[str, Any], settings: ShutdownSettings) -> None:
+    """Claim a slot, start the pool and DBOS, register the queue and the schedule. A
+    launch that fails ends the process with one line, also when this runs as a task."""
     global serving, admission
-    url = cfg["system_database_url"]
+    url = settings.database.url
     # A process fenced and re-executed, or a uvicorn worker (perhaps the replacement
     # of a fenced one), waits for the database and a free slot; a first start of a
     # lone process fails at once with one line instead.
-    waiting = rejoin is not None or signals.master_pid() is not None
+    waiting = settings.rejoin is not None or signals.master_pid() is not None
     # The sync DBOS APIs refuse to run on the event loop: these run on threads.
     if not waiting:
-        await asyncio.to_thread(check_reachable, url)
-    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, rejoin=rejoin)
+        with logs.exit_on_config_error():
+            await asyncio.to_thread(check_reachable, url)
+    slot = await asyncio.to_thread(slots.claim, url, wait=waiting, rejoin=settings.rejoin)
     cfg["executor_id"] = slots.executor_id(slot)
     cfg["sys_db_idle_transaction_timeout_sec"] = IDLE_TRANSACTION_SEC
     log.info(
@@ -195,7 +205,7 @@ async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
             "executor_id": slots.executor_id(slot),
             "slot": slot,
             "pid": os.getpid(),
-            "rejoin": rejoin is not None,
+            "rejoin": settings.rejoin is not None,
         },
     )
     # After a fence, the pool's resource tracker outlives the image and frees the pool's
@@ -205,45 +215,52 @@ async def start_serving(cfg: dict[str, Any], rejoin: str | None) -> None:
         sys.warnoptions.append(TRACKER_WARNINGS)
     # Up before DBOS launches: recovery and the queue may hand steps to the pool at once,
     # and ready()'s own calls would then wait behind them. Light processes: ~0.5 s.
-    pool.start(pool_size(), preload=fib.__module__)
+    pool.start(settings.fib_processes, preload=fib.__module__)
     await asyncio.to_thread(pool.ready)
-    await asyncio.to_thread(launch, cfg)
+    with logs.exit_on_config_error():
+        await asyncio.to_thread(launch, cfg)
     await DBOS.register_queue_async(
         QUEUE,
         global_concurrency=QUEUE_CONCURRENCY,
-        worker_concurrency=worker_concurrency(config.int_env("WORKERS", 1, 1, MAX_SLOTS)),
+        worker_concurrency=worker_concurrency(queue_sharers(settings.workers)),
         polling_interval_sec=QUEUE_POLLING_SEC,
     )
     await DBOS.apply_schedules_async(
         [{"schedule_name": SCHEDULE, "workflow_fn": every_five_seconds, "schedule": CRON}]
     )
-    admission = Admission(url, APP, fan_out.__qualname__, max_queued_steps(), DRAIN_STEPS_PER_SEC)
+    admission = Admission(
+        url, APP, fan_out.__qualname__, settings.max_queued_steps, DRAIN_STEPS_PER_SEC
+    )
     slots.start_adopting()
     serving = True
-    log.info("serving", extra={"database": config.redacted(url), "executor_id": DBOS.executor_id})
+    log.info(
+        "serving", extra={"database": settings.database.redacted, "executor_id": DBOS.executor_id}
+    )
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    global health
+    global health, settings
     logs.setup_logging(APP)
-    cfg = config.config_or_exit(APP)
-    health = HealthCheck(cfg["system_database_url"], APP)
-    rejoin = os.environ.pop(REJOIN_ENV, None)
-    if rejoin is not None:
+    with logs.exit_on_config_error():
+        loaded = settings or ShutdownSettings.load()
+    settings = loaded
+    cfg = config.dbos_config(APP, loaded.database)
+    health = HealthCheck(loaded.database.url, APP)
+    if loaded.rejoin is not None:
         signals.reap_children(timeout=5)  # the fenced image's pool, ending
     # Re-executed after a fence, or a uvicorn worker (the replacement of a fenced one,
     # say) while the database does not answer: listen at once (/healthz answers 503,
     # the rest too) while waiting, however long, for the database and a slot. A worker
     # waiting inside the lifespan would leave the connections uvicorn's supervisor
     # accepts for it unanswered.
-    waiting = rejoin is not None or (
+    waiting = loaded.rejoin is not None or (
         signals.master_pid() is not None
         and await asyncio.to_thread(health.check_database) is not None
     )
-    starting = asyncio.ensure_future(start_serving(cfg, rejoin)) if waiting else None
+    starting = asyncio.ensure_future(start_serving(cfg, loaded)) if waiting else None
     if starting is None:
-        await start_serving(cfg, None)
+        await start_serving(cfg, loaded)
     yield
     if starting is not None:
         slots.stop_claiming()
@@ -294,18 +311,12 @@ app.include_router(page.router(fan_out=fan_out, schedule=SCHEDULE, max_steps=MAX
 # on any replica and after restarts, for as long as the workflow's row exists.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KEYED_ID_PREFIX = "trigger-"
-# Admitted steps not finished yet, across the service (shutdown/admission.py). The default
-# drains in about a minute: 7.6 steps/s is what this 2-core machine, shared by other
-# jobs, finished of default fan-outs (50 steps, max_n 30, process pool) admitted at once
-# (reliability load area, "overload": 300 steps in 39.5 s), so 500 steps (ten default
-# fan-outs, or one of MAX_STEPS) take about 66 s. Retry-After divides the excess by it.
+# The drain rate of admitted steps, for Retry-After (the excess over MAX_QUEUED_STEPS
+# divided by it): 7.6 steps/s is what this 2-core machine, shared by other jobs,
+# finished of default fan-outs (50 steps, max_n 30, process pool) admitted at once
+# (reliability load area, "overload": 300 steps in 39.5 s).
 DRAIN_STEPS_PER_SEC = 7.6
-DEFAULT_MAX_QUEUED_STEPS, MAX_MAX_QUEUED_STEPS = 500, 1_000_000
 admission: Admission | None = None  # made at startup, once the URL is known
-
-
-def max_queued_steps() -> int:
-    return config.int_env("MAX_QUEUED_STEPS", DEFAULT_MAX_QUEUED_STEPS, 1, MAX_MAX_QUEUED_STEPS)
 
 
 def _start(workflow_id: str | None, steps: int, max_n: int, executor: Executor) -> str:
@@ -458,7 +469,8 @@ async def shutdown(
     authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     """Stop the server after answering 202 (needs ``Authorization: Bearer <SHUTDOWN_TOKEN>``)."""
-    signals.check_token(authorization, os.environ.get("SHUTDOWN_TOKEN", ""))
+    assert settings is not None  # uvicorn serves only after the lifespan's startup
+    signals.check_token(authorization, settings.shutdown_token)
     log.warning("shutdown requested", extra={"mode": mode, "pid": os.getpid()})
     # Background tasks run after the response has been sent. A server stops on a signal
     # to the process that owns it (sys.exit in an endpoint only makes a 500).
@@ -470,36 +482,27 @@ async def shutdown(
 
 
 def main() -> None:
+    global settings
     logs.setup_logging(APP)
-    host = os.environ.get("HOST", "").strip() or "127.0.0.1"
-    port = config.int_env("PORT", 8000, 1, 65535)
-    url = config.url_or_exit()
-    postgres = config.database_kind(url) == "postgres"
-    workers = config.int_env("WORKERS", 2 if postgres else 1, 1, MAX_SLOTS)
-    pool_size()  # a bad FIB_PROCESSES fails here, before any worker starts
-    max_queued_steps()  # and a bad MAX_QUEUED_STEPS
-    if workers > 1 and not postgres:
-        logs.fail(
-            f"WORKERS={workers} needs Postgres (DBOS_SYSTEM_DATABASE_URL=postgresql://...): "
-            "SQLite takes one process"
-        )
-    if REJOIN_ENV not in os.environ:  # a fenced process, re-executed, waits instead
-        check_reachable(url)
-        if postgres:
-            # Once, before the workers start, so they do not race to create the database.
-            DBOS.migrate(url)
+    with logs.exit_on_config_error():
+        loaded = ShutdownSettings.load()
+        if loaded.rejoin is None:  # a fenced process, re-executed, waits instead
+            check_reachable(loaded.database.url)
+            if loaded.database.kind == "postgres":
+                # Once, before the workers start, so they do not race to create the database.
+                DBOS.migrate(loaded.database.url)
+    settings = loaded  # a single process serves in this interpreter: the lifespan's too
     import uvicorn
-
-    os.environ["WORKERS"] = str(workers)  # for each worker's share of the queue
 
     # Each worker is a fresh interpreter (spawn) that re-runs this file as
     # `__mp_main__` before uvicorn imports the app: pointing uvicorn at that module
     # avoids importing this file a second time (and registering its workflows twice).
+    single = loaded.workers == 1
     uvicorn.run(
-        app if workers == 1 else "__mp_main__:app",
-        host=host,
-        port=port,
-        workers=None if workers == 1 else workers,
+        app if single else "__mp_main__:app",
+        host=loaded.host,
+        port=loaded.port,
+        workers=None if single else loaded.workers,
         log_config=None,
         timeout_graceful_shutdown=UVICORN_GRACEFUL_SEC,
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_SEC,

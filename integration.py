@@ -18,15 +18,26 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import sqlalchemy as sa
 from dbos import DBOS, DBOSConfiguredInstance, SQLAlchemyDatasource, WorkflowHandle
 from sqlalchemy.orm import sessionmaker
 
-from lab.config import CONNECT_TIMEOUT_SEC, ConfigError, database_kind, dbos_config, redacted
-from lab.launch import check_reachable, launch, pending_before_launch
-from lab.logs import fail, setup_logging
+from lab.cli import flag_parser
+from lab.config import (
+    CONNECT_TIMEOUT_SEC,
+    ConfigError,
+    DatabaseSettings,
+    Environ,
+    database_kind,
+    dbos_config,
+    redacted,
+    text_env,
+)
+from lab.launch import LaunchError, check_reachable, launch, launch_and_resume
+from lab.logs import exit_on_config_error, fail, setup_logging
 
 log = logging.getLogger("integration")
 
@@ -40,6 +51,24 @@ DEFAULT_CONCURRENCY = 10  # page workflows running at once
 DEFAULT_RATE_LIMIT, DEFAULT_RATE_PERIOD = 50, 10.0  # started per period (s)
 QUEUE_POLLING_SEC = 0.2
 LOCAL_CREDENTIALS = "experiment6-local"  # moto accepts anything; not a secret
+
+
+@dataclass(frozen=True)
+class IntegrationSettings:
+    """The environment this script reads (boto3 reads the S3 keys itself)."""
+
+    database: DatabaseSettings
+    s3_endpoint: str = ""  # AWS_ENDPOINT_URL; empty: a local S3 server (moto)
+    s3_region: str = "us-east-1"  # AWS_DEFAULT_REGION
+
+    @classmethod
+    def load(cls, env: Environ = os.environ) -> IntegrationSettings:
+        return cls(
+            DatabaseSettings.load(env),
+            s3_endpoint=text_env("AWS_ENDPOINT_URL", env=env),
+            s3_region=text_env("AWS_DEFAULT_REGION", "us-east-1", env=env),
+        )
+
 
 # Process-level facts (never workflow inputs): a resumed run must not crash again.
 crash_after_pages: int | None = None
@@ -202,13 +231,13 @@ def start_local_s3() -> tuple[Any, str]:
     return server, f"http://{host}:{port}"
 
 
-def s3_client(endpoint: str, local: bool) -> Any:
+def s3_client(endpoint: str, region: str, local: bool) -> Any:
     import boto3
     from botocore.config import Config
 
     kwargs: dict[str, Any] = {
         "endpoint_url": endpoint,
-        "region_name": os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region_name": region,
         "config": Config(
             connect_timeout=3,
             read_timeout=10,
@@ -235,25 +264,27 @@ def seed_demo_bucket(s3: Any, bucket: str, objects: int) -> None:
 
 
 def check_bucket(s3: Any, bucket: str, endpoint: str) -> None:
-    """Exit with one line if the endpoint, the credentials or the bucket is wrong."""
+    """``ConfigError`` (one line) if the endpoint, the credentials or the bucket is wrong."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         s3.head_bucket(Bucket=bucket)
     except NoCredentialsError:
-        fail(
+        raise ConfigError(
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or unset AWS_ENDPOINT_URL to use a local S3 server)"
-        )
+        ) from None
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):
-            fail(f"bucket '{bucket}' does not exist at {endpoint}")
+            raise ConfigError(f"bucket '{bucket}' does not exist at {endpoint}") from None
         if code in ("403", "AccessDenied", "Forbidden"):
-            fail(f"access to bucket '{bucket}' at {endpoint} is denied (check credentials)")
-        fail(f"S3 at {endpoint} refused HEAD bucket '{bucket}': {code}")
+            raise ConfigError(
+                f"access to bucket '{bucket}' at {endpoint} is denied (check credentials)"
+            ) from None
+        raise ConfigError(f"S3 at {endpoint} refused HEAD bucket '{bucket}': {code}") from None
     except BotoCoreError as exc:
-        fail(f"cannot reach the S3 endpoint {endpoint}: {exc}")
+        raise ConfigError(f"cannot reach the S3 endpoint {endpoint}: {exc}") from None
 
 
 # --- the database -------------------------------------------------------------
@@ -272,7 +303,7 @@ def ensure_database(url: str) -> None:
             return
     except sa.exc.OperationalError as exc:
         if "does not exist" not in str(exc):
-            fail(f"cannot reach the database {redacted(url)}: {exc.orig}")
+            raise LaunchError(f"cannot reach the database {redacted(url)}: {exc.orig}") from None
     finally:
         engine.dispose()
     admin = sa.create_engine(
@@ -372,58 +403,53 @@ def count_recorded(engine: sa.Engine, table: sa.Table, run_id: str) -> int:
 # --- main -----------------------------------------------------------------------
 
 
+FLAGS: dict[str, dict[str, Any]] = {
+    "--bucket": {"default": DEFAULT_BUCKET, "help": f"default {DEFAULT_BUCKET}"},
+    "--objects": {
+        "type": int,
+        "default": DEFAULT_OBJECTS,
+        "help": f"objects to seed the local bucket with ({DEFAULT_OBJECTS})",
+    },
+    "--page-size": {
+        "type": int,
+        "default": DEFAULT_PAGE_SIZE,
+        "help": f"objects per page ({DEFAULT_PAGE_SIZE})",
+    },
+    "--concurrency": {
+        "type": int,
+        "default": DEFAULT_CONCURRENCY,
+        "help": f"page workflows running at once ({DEFAULT_CONCURRENCY})",
+    },
+    "--rate-limit": {
+        "type": int,
+        "default": DEFAULT_RATE_LIMIT,
+        "help": f"page workflows started per period ({DEFAULT_RATE_LIMIT})",
+    },
+    "--rate-period": {
+        "type": float,
+        "default": DEFAULT_RATE_PERIOD,
+        "help": f"rate-limit period in seconds ({DEFAULT_RATE_PERIOD:g})",
+    },
+    "--page-seconds": {
+        "type": float,
+        "default": 0.0,
+        "help": "extra durable sleep in each page workflow (0), to make the limits visible",
+    },
+    "--crash-after-pages": {
+        "type": int,
+        "metavar": "N",
+        "help": "exit abruptly (code 3) right after the N-th page transaction commits",
+    },
+    "--client-holder": {
+        "choices": ("instance", "static"),
+        "default": "instance",
+        "help": "instance: the working pattern (default); static: show how the other one fails",
+    },
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bucket", default=DEFAULT_BUCKET, help=f"default {DEFAULT_BUCKET}")
-    parser.add_argument(
-        "--objects",
-        type=int,
-        default=DEFAULT_OBJECTS,
-        help=f"objects to seed the local bucket with ({DEFAULT_OBJECTS})",
-    )
-    parser.add_argument(
-        "--page-size",
-        type=int,
-        default=DEFAULT_PAGE_SIZE,
-        help=f"objects per page ({DEFAULT_PAGE_SIZE})",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=DEFAULT_CONCURRENCY,
-        help=f"page workflows running at once ({DEFAULT_CONCURRENCY})",
-    )
-    parser.add_argument(
-        "--rate-limit",
-        type=int,
-        default=DEFAULT_RATE_LIMIT,
-        help=f"page workflows started per period ({DEFAULT_RATE_LIMIT})",
-    )
-    parser.add_argument(
-        "--rate-period",
-        type=float,
-        default=DEFAULT_RATE_PERIOD,
-        help=f"rate-limit period in seconds ({DEFAULT_RATE_PERIOD:g})",
-    )
-    parser.add_argument(
-        "--page-seconds",
-        type=float,
-        default=0.0,
-        help="extra durable sleep in each page workflow (0), to make the limits visible",
-    )
-    parser.add_argument(
-        "--crash-after-pages",
-        type=int,
-        default=None,
-        metavar="N",
-        help="exit abruptly (code 3) right after the N-th page transaction commits",
-    )
-    parser.add_argument(
-        "--client-holder",
-        choices=("instance", "static"),
-        default="instance",
-        help="instance: the working pattern (default); static: show how the other one fails",
-    )
+    parser = flag_parser(__doc__.splitlines()[0], FLAGS)
     args = parser.parse_args(argv)
     if args.objects < 0:
         parser.error("--objects must not be negative")
@@ -438,44 +464,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    global crash_after_pages, page_seconds
-    args = parse_args(argv)
-    setup_logging("integration")
-    # No line per S3 request (moto's werkzeug) or per credential lookup (botocore).
-    for name in ("werkzeug", "botocore", "boto3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        config = dbos_config("integration")
-    except ConfigError as exc:
-        fail(str(exc))
-    crash_after_pages = args.crash_after_pages
-    page_seconds = args.page_seconds
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
-    server = None
-    if not endpoint:
+def connect_s3(settings: IntegrationSettings, args: argparse.Namespace) -> tuple[Any, str, Any]:
+    """The S3 client, its endpoint and the local server (None for ``AWS_ENDPOINT_URL``):
+    without an endpoint, a local S3 server seeded with a demo bucket. ``ConfigError``
+    if the bucket cannot be read."""
+    endpoint, server = settings.s3_endpoint, None
+    if endpoint:
+        s3 = s3_client(endpoint, settings.s3_region, local=False)
+    else:
         server, endpoint = start_local_s3()
-        s3 = s3_client(endpoint, local=True)
+        s3 = s3_client(endpoint, settings.s3_region, local=True)
         try:
             seed_demo_bucket(s3, args.bucket, args.objects)
         except Exception as exc:  # noqa: BLE001 - e.g. an invalid bucket name
-            fail(f"cannot seed the demo bucket '{args.bucket}' on the local S3 server: {exc}")
+            raise ConfigError(
+                f"cannot seed the demo bucket '{args.bucket}' on the local S3 server: {exc}"
+            ) from None
         log.info(
             "started a local S3 server (moto) and seeded a demo bucket",
             extra={"endpoint": endpoint, "bucket": args.bucket, "objects": args.objects},
         )
-    else:
-        s3 = s3_client(endpoint, local=False)
     check_bucket(s3, args.bucket, endpoint)
+    return s3, endpoint, server
 
-    url = config["system_database_url"]
-    check_reachable(url)
-    ensure_database(url)
-    ds, table, kind = create_datasource(url, config["name"])
-    inventory = S3Inventory(s3, ds, table, kind)
-    pending = pending_before_launch(config, S3Inventory.inventory)
-    launch(config)
+
+def register_queue(args: argparse.Namespace) -> None:
+    """The page queue, with the run's limits (after launch, before any run resumes)."""
     DBOS.register_queue(
         QUEUE,
         global_concurrency=args.concurrency,
@@ -483,38 +497,70 @@ def main(argv: list[str] | None = None) -> None:
         polling_interval_sec=QUEUE_POLLING_SEC,
     )
 
-    if args.client_holder == "static":
-        try:
-            DBOS.start_workflow(StaticInventory.inventory, s3, args.bucket, args.page_size)
-        except Exception as exc:  # noqa: BLE001 - the finding is this exception
-            fail(f"static-method pattern cannot start: {type(exc).__name__}: {exc}", code=1)
-        fail("static-method pattern unexpectedly started", code=1)
 
-    handle: WorkflowHandle[dict[str, int]] | None = None
-    recovered = False
-    if pending:
-        mine = DBOS.list_workflows(
-            workflow_ids=pending, app_version=DBOS.application_version, load_output=False
-        )
-        if mine:
-            latest = max(mine, key=lambda w: w.created_at or 0)
-            log.info("resuming interrupted workflow", extra={"workflow_id": latest.workflow_id})
-            handle, recovered = DBOS.retrieve_workflow(latest.workflow_id), True
-    if handle is None:
-        handle = DBOS.start_workflow(inventory.inventory, args.bucket, args.page_size)
-    run_id = handle.get_workflow_id()
+def show_static_pattern_fails(s3: Any, args: argparse.Namespace) -> None:
+    """``--client-holder static``: the client as a workflow argument cannot start."""
     try:
-        result = handle.get_result(polling_interval_sec=QUEUE_POLLING_SEC)
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-        fail(f"inventory {run_id} failed: {type(exc).__name__}: {exc}", code=1)
+        DBOS.start_workflow(StaticInventory.inventory, s3, args.bucket, args.page_size)
+    except Exception as exc:  # noqa: BLE001 - the finding is this exception
+        fail(f"static-method pattern cannot start: {type(exc).__name__}: {exc}", code=1)
+    fail("static-method pattern unexpectedly started", code=1)
 
-    times = page_workflow_times(ds.engine, kind, run_id)
+
+def page_timing(
+    args: argparse.Namespace, engine: sa.Engine, kind: str, run_id: str
+) -> dict[str, Any]:
+    """How the run's page workflows were timed against the queue's limits, from the
+    system database."""
+    times = page_workflow_times(engine, kind, run_id)
     starts = [s for s, _ in times if s is not None]
     intervals = [(s, e) for s, e in times if s is not None and e is not None]
     # DBOS stamps SQLite rows with whole seconds before Python 3.12: too coarse
     # for overlaps (the rate window is still right: DBOS's limiter sees the same).
     resolution_ms = 1000 if kind == "sqlite" and sys.version_info < (3, 12) else 1
+    return {
+        "rate_limit": {"limit": args.rate_limit, "period": args.rate_period},
+        "max_started_per_window": max_started_per_window(starts, int(args.rate_period * 1000)),
+        "concurrency": args.concurrency,
+        "max_concurrent": max_concurrent(intervals) if resolution_ms == 1 else None,
+        "time_resolution_ms": resolution_ms,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    global crash_after_pages, page_seconds
+    args = parse_args(argv)
+    setup_logging("integration")
+    # No line per S3 request (moto's werkzeug) or per credential lookup (botocore).
+    for name in ("werkzeug", "botocore", "boto3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    crash_after_pages, page_seconds = args.crash_after_pages, args.page_seconds
+    with exit_on_config_error():
+        settings = IntegrationSettings.load()
+        config = dbos_config("integration", settings.database)
+        s3, endpoint, server = connect_s3(settings, args)
+        url = config["system_database_url"]
+        check_reachable(url)
+        ensure_database(url)
+        ds, table, kind = create_datasource(url, config["name"])
+        inventory = S3Inventory(s3, ds, table, kind)
+        if args.client_holder == "static":
+            launch(config)
+            show_static_pattern_fails(s3, args)
+        handle, recovered = launch_and_resume(
+            config,
+            inventory.inventory,
+            args.bucket,
+            args.page_size,
+            on_launch=lambda: register_queue(args),
+        )
+    run_id = handle.get_workflow_id()
+    try:
+        result = handle.get_result(polling_interval_sec=QUEUE_POLLING_SEC)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        fail(f"inventory {run_id} failed: {type(exc).__name__}: {exc}", code=1)
     recorded = count_recorded(ds.engine, table, run_id)
+    timing = page_timing(args, ds.engine, kind, run_id)
     DBOS.destroy()
     if server is not None:
         server.stop()
@@ -529,11 +575,7 @@ def main(argv: list[str] | None = None) -> None:
             "objects": result["objects"],
             "recorded": recorded,
             "inserted": result["inserted"],
-            "rate_limit": {"limit": args.rate_limit, "period": args.rate_period},
-            "max_started_per_window": max_started_per_window(starts, int(args.rate_period * 1000)),
-            "concurrency": args.concurrency,
-            "max_concurrent": max_concurrent(intervals) if resolution_ms == 1 else None,
-            "time_resolution_ms": resolution_ms,
+            **timing,
         },
     )
 

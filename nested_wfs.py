@@ -21,9 +21,10 @@ from typing import Any
 
 from dbos import DBOS, SetWorkflowID, WorkflowHandle
 
-from lab.config import ConfigError, dbos_config
-from lab.launch import check_reachable, launch, pending_before_launch
-from lab.logs import fail, setup_logging
+from lab.cli import flag_parser
+from lab.config import dbos_config
+from lab.launch import launch_recovering
+from lab.logs import exit_on_config_error, setup_logging
 
 log = logging.getLogger("nested_wfs")
 
@@ -131,22 +132,23 @@ def wf_child(queued: bool, sleep_seconds: float) -> dict[str, Any]:
     return node
 
 
+def _parent(level: str, child: Any, queued: bool, sleep_seconds: float) -> dict[str, Any]:
+    """A level above the child: run ``child`` (directly or through the queue, as
+    ``queued`` says: the same at every level of a tree), then sleep durably."""
+    node = _enter(level, queued)
+    node["children"].append(_call(child, queued, queued, sleep_seconds)[0])
+    _sleep(level, queued, sleep_seconds)
+    return node
+
+
 @DBOS.workflow()
 def wf(queued: bool, sleep_seconds: float) -> dict[str, Any]:
-    node = _enter("wf", queued)
-    # The original tested `if queue:` here (a queue object, always truthy), so
-    # this level enqueued even in the "direct" tree. `_call` tests `queued`.
-    node["children"].append(_call(wf_child, queued, queued, sleep_seconds)[0])
-    _sleep("wf", queued, sleep_seconds)
-    return node
+    return _parent("wf", wf_child, queued, sleep_seconds)
 
 
 @DBOS.workflow()
 def wf_root(queued: bool, sleep_seconds: float) -> dict[str, Any]:
-    node = _enter("root", queued)
-    node["children"].append(_call(wf, queued, queued, sleep_seconds)[0])
-    _sleep("root", queued, sleep_seconds)
-    return node
+    return _parent("root", wf, queued, sleep_seconds)
 
 
 def _run_tree(workflow_id: str, queued: bool, sleep_seconds: float) -> dict[str, Any]:
@@ -164,26 +166,26 @@ def _run_tree(workflow_id: str, queued: bool, sleep_seconds: float) -> dict[str,
     return handle.get_result(polling_interval_sec=POLL)
 
 
+FLAGS: dict[str, dict[str, Any]] = {
+    "--sleep-seconds": {
+        "type": float,
+        "default": DEFAULT_SLEEP_SECONDS,
+        "help": f"durable sleep in each workflow (default {DEFAULT_SLEEP_SECONDS:g})",
+    },
+    "--crash-in": {
+        "choices": LEVELS,
+        "help": "exit abruptly (code 3) during this level's durable sleep",
+    },
+    "--crash-tree": {
+        "choices": TREES,
+        "default": "direct",
+        "help": "which tree --crash-in applies to (default direct)",
+    },
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sleep-seconds",
-        type=float,
-        default=DEFAULT_SLEEP_SECONDS,
-        help=f"durable sleep in each workflow (default {DEFAULT_SLEEP_SECONDS:g})",
-    )
-    parser.add_argument(
-        "--crash-in",
-        choices=LEVELS,
-        default=None,
-        help="exit abruptly (code 3) during this level's durable sleep",
-    )
-    parser.add_argument(
-        "--crash-tree",
-        choices=TREES,
-        default="direct",
-        help="which tree --crash-in applies to (default direct)",
-    )
+    parser = flag_parser(__doc__.splitlines()[0], FLAGS)
     args = parser.parse_args(argv)
     if args.sleep_seconds < 0:
         parser.error("--sleep-seconds must not be negative")
@@ -192,33 +194,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def register_queue() -> None:
+    DBOS.register_queue(QUEUE, polling_interval_sec=POLL)
+
+
 def main(argv: list[str] | None = None) -> None:
     global crash_in, crash_tree
     args = parse_args(argv)
     setup_logging("nested")
-    try:
-        config = dbos_config("nested")
-    except ConfigError as exc:
-        fail(str(exc))
     crash_in, crash_tree = args.crash_in, args.crash_tree
-    check_reachable(config["system_database_url"])
-    pending = pending_before_launch(config, wf_root)
-    launch(config)
-    DBOS.register_queue(QUEUE, polling_interval_sec=POLL)
+    with exit_on_config_error():
+        interrupted = launch_recovering(dbos_config("nested"), wf_root, register_queue)
     # A run is two roots with ids derived from one run id, so a resumed run
     # finds both: the interrupted one (recovered) and the other (done or not yet started).
-    run_id, sleep_seconds = None, args.sleep_seconds
-    if pending:
-        mine = DBOS.list_workflows(
-            workflow_ids=pending, app_version=DBOS.application_version, load_output=False
-        )
-        if mine:
-            latest = max(mine, key=lambda w: w.created_at or 0)
-            run_id = latest.workflow_id.rsplit("-", 1)[0]
-            sleep_seconds = latest.input["args"][1] if latest.input else sleep_seconds
-            log.info("resuming interrupted run", extra={"workflow_id": latest.workflow_id})
-    recovered = run_id is not None
-    run_id = run_id or f"nested-{uuid.uuid4().hex[:12]}"
+    run_id, sleep_seconds = f"nested-{uuid.uuid4().hex[:12]}", args.sleep_seconds
+    if interrupted is not None:
+        run_id = interrupted.workflow_id.rsplit("-", 1)[0]
+        sleep_seconds = interrupted.input["args"][1] if interrupted.input else sleep_seconds
+        log.info("resuming interrupted run", extra={"workflow_id": interrupted.workflow_id})
     direct_tree = _run_tree(f"{run_id}-direct", False, sleep_seconds)
     queued_tree = _run_tree(f"{run_id}-queued", True, sleep_seconds)
     DBOS.destroy()
@@ -226,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary",
         extra={
             "run_id": run_id,
-            "recovered": recovered,
+            "recovered": interrupted is not None,
             "steps_run_here": steps_run_here,
             "direct": direct_tree,
             "queued": queued_tree,

@@ -15,9 +15,7 @@ import time
 
 from dbos import DBOS
 
-from lab.cli import scope_args
-from lab.launch import launch_and_resume
-from lab.logs import setup_logging
+from lab.cli import run_scope, scope_args
 from lab.signals import crash
 
 log = logging.getLogger("scope_funcs")
@@ -51,18 +49,14 @@ def count_workflow(steps: int, step_seconds: float) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> None:
     global crash_after
     args = scope_args(__doc__.splitlines()[0], argv)
-    setup_logging("scope-funcs")
-    # A property of this process, not a workflow input: the resumed run must not crash again.
+    # The crash is a property of this process, not a workflow input: the resumed
+    # run must not crash again.
     crash_after = args.crash_after
-    handle, recovered = launch_and_resume(
-        "scope-funcs", count_workflow, args.steps, args.step_seconds
-    )
-    result = handle.get_result()
-    DBOS.destroy()
+    workflow_id, result, recovered = run_scope("scope-funcs", count_workflow, args)
     log.info(
         "summary",
         extra={
-            "workflow_id": handle.get_workflow_id(),
+            "workflow_id": workflow_id,
             "steps": result["steps"],
             "executed_here": executed_here,
             "recovered": recovered,

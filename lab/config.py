@@ -1,9 +1,14 @@
-"""The system database and the DBOS configuration.
+"""The configuration every experiment shares: the environment's one loader, the
+system database, and the DBOS configuration.
 
+- Every setting is read from the environment through ``text_env`` and ``int_env``,
+  once, by an app's ``load`` at start (``main()`` or the lifespan); a bad value is a
+  ``ConfigError`` with one line that says what is wrong, and the entry point reports it.
 - One system database for all experiments: ``DBOS_SYSTEM_DATABASE_URL`` when set
-  (Postgres), else ``experiment6.sqlite`` in the working directory. The file name
-  is the ``name`` in ``dbos-config.yaml`` so that ``dbos workflow list`` (which
-  falls back to ``sqlite:///<name>.sqlite``) reads the same file.
+  (Postgres), else a URL from libpq's ``PG*`` variables when ``PGHOST`` is set (how
+  the Docker image configures it), else ``experiment6.sqlite`` in the working
+  directory. The file name is the ``name`` in ``dbos-config.yaml`` so that ``dbos
+  workflow list`` (which falls back to ``sqlite:///<name>.sqlite``) reads the same file.
 - One application *per experiment* (``experiment6-scope``, ...): in DBOS 3.x,
   application versions, recovery, queues and schedules are keyed by application
   name, so separate names keep the experiments from disturbing each other.
@@ -14,53 +19,96 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from lab.logs import fail
-
 # The name in dbos-config.yaml; application names are "experiment6-<app>".
 CONFIG_NAME = "experiment6"
 SQLITE_URL = f"sqlite:///{CONFIG_NAME}.sqlite"
-# Fail fast on an unreachable server instead of DBOS's 10 s default.
+# A script or server that starts against an unreachable database fails within this
+# long, with one line, instead of after DBOS's 10 s default.
 CONNECT_TIMEOUT_SEC = 5
+PORT_RANGE = (1, 65535)
+
+Environ = Mapping[str, str]
 
 
 class ConfigError(Exception):
-    """A configuration problem a user can fix; reported as one line."""
+    """A configuration problem a user can fix; the entry point reports it as one line."""
 
 
-def app_name(app: str) -> str:
-    return f"{CONFIG_NAME}-{app}"
+# --- the loader -----------------------------------------------------------------
 
 
-def database_url() -> str:
-    """The system database URL: ``DBOS_SYSTEM_DATABASE_URL``, else SQLite."""
-    url = os.environ.get("DBOS_SYSTEM_DATABASE_URL", "").strip()
-    if not url:
-        url = _url_from_pg_env() or SQLITE_URL
-    return check_database_url(url)
+def text_env(name: str, default: str = "", *, env: Environ) -> str:
+    """Variable ``name``, stripped; empty or unset is ``default``."""
+    return env.get(name, "").strip() or default
 
 
-def _url_from_pg_env() -> str | None:
-    """Compose a URL from libpq's ``PG*`` variables when ``PGHOST`` is set.
+def int_env(name: str, default: int, low: int, high: int, *, env: Environ) -> int:
+    """A whole-number variable in ``[low, high]``; empty or unset is ``default``."""
+    raw = text_env(name, str(default), env=env)
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+    return int(raw)
 
-    The original Dockerfile configured Postgres this way; the URL wins when both
-    are given.
-    """
-    host = os.environ.get("PGHOST", "").strip()
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """The system database, and the executor id DBOS takes from the environment."""
+
+    url: str = field(repr=False)  # may hold a password: log ``redacted`` instead
+    executor_id: str = "local"
+
+    @property
+    def kind(self) -> str:
+        return database_kind(self.url)
+
+    @property
+    def redacted(self) -> str:
+        return redacted(self.url)
+
+    @classmethod
+    def load(cls, env: Environ = os.environ) -> DatabaseSettings:
+        url = text_env("DBOS_SYSTEM_DATABASE_URL", env=env) or _url_from_pg_env(env) or SQLITE_URL
+        # DBOS reads DBOS__VMID itself; we read it to find this executor's runs.
+        return cls(check_database_url(url), text_env("DBOS__VMID", "local", env=env))
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """A FastAPI experiment served by ``python <app>.py``: its database and its port."""
+
+    database: DatabaseSettings
+    port: int = 8000
+
+    @classmethod
+    def load(cls, env: Environ = os.environ) -> ServeSettings:
+        port = int_env("PORT", 8000, *PORT_RANGE, env=env)
+        return cls(DatabaseSettings.load(env), port)
+
+
+def _url_from_pg_env(env: Environ) -> str | None:
+    """A URL from libpq's ``PG*`` variables when ``PGHOST`` is set (the Docker image's
+    configuration); ``DBOS_SYSTEM_DATABASE_URL`` wins when both are given."""
+    host = text_env("PGHOST", env=env)
     if not host:
         return None
     return URL.create(
         "postgresql",
-        username=os.environ.get("PGUSER") or "postgres",
-        password=os.environ.get("PGPASSWORD") or None,
+        username=text_env("PGUSER", "postgres", env=env),
+        password=text_env("PGPASSWORD", env=env) or None,
         host=host,
-        port=int(os.environ.get("PGPORT") or 5432),
-        database=os.environ.get("PGDATABASE") or CONFIG_NAME,
+        port=int_env("PGPORT", 5432, *PORT_RANGE, env=env),
+        database=text_env("PGDATABASE", CONFIG_NAME, env=env),
     ).render_as_string(hide_password=False)
+
+
+# --- the system database ----------------------------------------------------------
 
 
 def check_database_url(url: str) -> str:
@@ -158,12 +206,21 @@ def pg_connect_args(
     return args
 
 
-def dbos_config(app: str, **extra: Any) -> dict[str, Any]:
-    """The DBOSConfig for experiment ``app`` (application ``experiment6-<app>``)."""
-    url = database_url()
+def app_name(app: str) -> str:
+    return f"{CONFIG_NAME}-{app}"
+
+
+def dbos_config(app: str, database: DatabaseSettings | None = None, **extra: Any) -> dict[str, Any]:
+    """The DBOSConfig for experiment ``app`` (application ``experiment6-<app>``) on
+    ``database`` (default: loaded from the environment now)."""
+    database = database or DatabaseSettings.load()
+    url = database.url
     config: dict[str, Any] = {
         "name": app_name(app),
         "system_database_url": url,
+        # What DBOS would take from DBOS__VMID itself; here too, for the code that
+        # looks for this executor's runs (lab.launch.pending_before_launch).
+        "executor_id": database.executor_id,
         "db_engine_kwargs": {
             "connect_args": {
                 "application_name": app_name(app),
@@ -175,27 +232,3 @@ def dbos_config(app: str, **extra: Any) -> dict[str, Any]:
     }
     config.update(extra)
     return config
-
-
-def config_or_exit(app: str, **extra: Any) -> dict[str, Any]:
-    """``dbos_config``, or exit with one error line when the URL is malformed."""
-    try:
-        return dbos_config(app, **extra)
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def url_or_exit() -> str:
-    """``database_url``, or exit with one error line."""
-    try:
-        return database_url()
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def int_env(name: str, default: int, low: int, high: int) -> int:
-    """A whole-number environment variable in ``[low, high]``, or exit with one line."""
-    raw = os.environ.get(name, "").strip() or str(default)
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        fail(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
-    return int(raw)

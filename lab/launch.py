@@ -1,15 +1,48 @@
-"""Launching DBOS (or one clear error line), resuming an interrupted run, serving."""
+"""Launching DBOS, resuming an interrupted run, serving. Failures raise
+``LaunchError`` (one line); the entry point reports it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
 
-from lab.config import config_or_exit, database_kind, int_env, pg_connect_args, redacted
-from lab.logs import fail, log
+from dbos import DBOS, DBOSClient, WorkflowStatus
+
+from lab.config import (
+    ConfigError,
+    ServeSettings,
+    database_kind,
+    dbos_config,
+    pg_connect_args,
+    redacted,
+)
+from lab.logs import exit_on_config_error, log, setup_logging
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class SettingsAtStart(Generic[T_co]):
+    """An app's settings, read from the environment once per process, at start: by
+    ``main()``, else by the lifespan (``uvicorn <app>:app``, or each of uvicorn's
+    worker processes). A bad value ends the process with its one line."""
+
+    def __init__(self, load: Callable[[], T_co]) -> None:
+        self._load = load
+        self._value: T_co | None = None
+
+    def get(self) -> T_co:
+        if self._value is None:
+            with exit_on_config_error():
+                self._value = self._load()
+        return self._value
+
+
+class LaunchError(ConfigError):
+    """DBOS cannot start here (the database is unreachable, the launch failed): a
+    problem the user fixes in the environment, reported as one line."""
 
 
 def launch_error(exc: BaseException) -> str:
@@ -31,19 +64,17 @@ def _quiet_launch_traceback() -> None:
 
 
 def launch(config: dict[str, Any]) -> None:
-    """Construct and launch DBOS, or exit with one clear error line."""
-    from dbos import DBOS
-
+    """Construct and launch DBOS; ``LaunchError`` with one line if it cannot start."""
     _quiet_launch_traceback()
     try:
         DBOS(config=config)  # type: ignore[arg-type]
         DBOS.launch()
-    except Exception as exc:  # noqa: BLE001 - any launch failure ends the script
-        fail(launch_error(exc))
+    except Exception as exc:  # noqa: BLE001 - any launch failure is the one line
+        raise LaunchError(launch_error(exc)) from None
 
 
 def check_reachable(url: str) -> None:
-    """Exit with one line if the Postgres server cannot be reached (SQLite always can)."""
+    """``LaunchError`` if the Postgres server cannot be reached (SQLite always can)."""
     if database_kind(url) != "postgres":
         return
     import psycopg2
@@ -54,7 +85,7 @@ def check_reachable(url: str) -> None:
         text = str(exc).strip().splitlines()[0]
         if "does not exist" in text:
             return  # DBOS creates the system database on first launch
-        fail(f"cannot reach the system database {redacted(url)}: {text}")
+        raise LaunchError(f"cannot reach the system database {redacted(url)}: {text}") from None
 
 
 async def launch_async(config: dict[str, Any]) -> None:
@@ -72,8 +103,6 @@ def pending_before_launch(config: dict[str, Any], workflow: Callable[..., Any]) 
     Read *before* ``DBOS.launch()``, which recovers them on a background thread
     (and may finish them before we could look again).
     """
-    from dbos import DBOSClient
-
     try:
         client = DBOSClient(system_database_url=config["system_database_url"])
     except Exception:  # noqa: BLE001 - a fresh database has nothing to resume
@@ -82,7 +111,7 @@ def pending_before_launch(config: dict[str, Any], workflow: Callable[..., Any]) 
         runs = client.list_workflows(
             name=getattr(workflow, "__qualname__", workflow.__name__),
             status="PENDING",
-            executor_id=os.environ.get("DBOS__VMID") or config.get("executor_id") or "local",
+            executor_id=config.get("executor_id") or "local",
             application_name=config["name"],
             load_input=False,
             load_output=False,
@@ -94,39 +123,69 @@ def pending_before_launch(config: dict[str, Any], workflow: Callable[..., Any]) 
         client.destroy()
 
 
-def launch_and_resume(
-    app: str | dict[str, Any], workflow: Callable[..., Any], *args: Any
-) -> tuple[Any, bool]:
-    """Launch DBOS for experiment ``app``, then wait for an interrupted run of
-    ``workflow`` if this launch recovers one, else start a fresh one.
-    Returns ``(handle, recovered)``; exits with one error line if DBOS cannot start.
+def launch_recovering(
+    config: dict[str, Any],
+    workflow: Callable[..., Any],
+    on_launch: Callable[[], None] | None = None,
+) -> WorkflowStatus | None:
+    """Launch DBOS, then call ``on_launch`` (an experiment registers its queues
+    there: after launch, before any run is resumed or started). Returns the latest
+    interrupted run of ``workflow`` this launch recovers (with its input), or None.
 
     DBOS recovers PENDING workflows of the same executor id and application
     version; a run left by older code (another version) is not resumed.
     """
-    from dbos import DBOS
-
-    config = config_or_exit(app) if isinstance(app, str) else app
     check_reachable(config["system_database_url"])
     pending = pending_before_launch(config, workflow)
     launch(config)
-    if pending:
-        mine = DBOS.list_workflows(
-            workflow_ids=pending,
-            app_version=DBOS.application_version,
-            load_input=False,
-            load_output=False,
-        )
-        if mine:
-            latest = max(mine, key=lambda w: w.created_at or 0)
-            log.info("resuming interrupted workflow", extra={"workflow_id": latest.workflow_id})
-            return DBOS.retrieve_workflow(latest.workflow_id), True
+    if on_launch is not None:
+        on_launch()
+    if not pending:
+        return None
+    mine = DBOS.list_workflows(
+        workflow_ids=pending,
+        app_version=DBOS.application_version,
+        load_input=True,
+        load_output=False,
+    )
+    return max(mine, key=lambda w: w.created_at or 0) if mine else None
+
+
+def launch_and_resume(
+    config: dict[str, Any],
+    workflow: Callable[..., Any],
+    *args: Any,
+    on_launch: Callable[[], None] | None = None,
+) -> tuple[Any, bool]:
+    """Launch DBOS (``launch_recovering``), then wait for the interrupted run of
+    ``workflow`` this launch recovers, else start a fresh one with ``args``.
+    Returns ``(handle, recovered)``."""
+    interrupted = launch_recovering(config, workflow, on_launch)
+    if interrupted is not None:
+        log.info("resuming interrupted workflow", extra={"workflow_id": interrupted.workflow_id})
+        return DBOS.retrieve_workflow(interrupted.workflow_id), True
     return DBOS.start_workflow(workflow, *args), False
 
 
-def serve(app: Any) -> None:
-    """``python <app>.py``: serve ``app`` on 127.0.0.1, port ``PORT`` (default 8000),
-    with our JSON logging instead of uvicorn's log config."""
+@asynccontextmanager
+async def dbos_lifespan(name: str, settings: SettingsAtStart[ServeSettings]) -> AsyncIterator[None]:
+    """A FastAPI experiment's DBOS: JSON logging, then DBOS launched for experiment
+    ``name`` (or one line and exit) before the app serves; destroyed once it stops."""
+    setup_logging(name)
+    database = settings.get().database
+    with exit_on_config_error():
+        await launch_async(dbos_config(name, database))
+    log.info("serving", extra={"database": database.redacted})
+    yield
+    await asyncio.to_thread(DBOS.destroy)
+
+
+def serve(app: Any, name: str, settings: SettingsAtStart[ServeSettings]) -> None:
+    """``python <app>.py``: JSON logging for experiment ``name``, its settings (or one
+    line), then ``app`` served on 127.0.0.1 at ``PORT`` with our logging instead of
+    uvicorn's log config."""
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=int_env("PORT", 8000, 1, 65535), log_config=None)
+    setup_logging(name)
+    port = settings.get().port
+    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
+from dbos import DBOS
 from pythonjsonlogger.json import JsonFormatter
+
+from lab.config import ConfigError, app_name
 
 log = logging.getLogger("experiment6")
 
@@ -29,8 +34,6 @@ class _ContextFilter(logging.Filter):
     """Adds ``workflow_id``, ``step_number`` and ``app_name`` to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from dbos import DBOS
-
         wf = getattr(record, "operationUUID", None) or DBOS.workflow_id
         if wf and not hasattr(record, "workflow_id"):
             record.workflow_id = wf
@@ -65,8 +68,6 @@ def setup_logging(app: str, level: int = logging.INFO) -> None:
     handler when the ``dbos`` logger has none.
     """
     global _app_name
-    from lab.config import app_name
-
     _app_name = app_name(app)
     root = logging.getLogger()
     root.handlers[:] = [_json_handler()]
@@ -90,8 +91,6 @@ def uvicorn_logging(app: str) -> None:
     constants keeps its own logging.
     """
     global _app_name
-    from lab.config import app_name
-
     _app_name = app_name(app)
     top = logging.getLogger("uvicorn")
     top.handlers[:] = [_json_handler()]
@@ -111,3 +110,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
     log.error(message)
     logging.shutdown()
     os._exit(code)
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """For an entry point (``main()``, a lifespan): a ``ConfigError`` raised inside,
+    a problem the user can fix, ends the process with its one line (``fail``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(str(exc))

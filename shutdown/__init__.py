@@ -1,5 +1,6 @@
 """The shutdown demo's own machinery (``fastapi_scope_shutdown.py`` runs on it).
 
+settings   the demo's settings, read once at start
 slots      executor slots: one executor id per live process (leases timed by the database)
 health     the ``/healthz`` database check
 pool       a process pool owned by the service, for CPU-bound steps: its lifecycle and

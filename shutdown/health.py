@@ -15,7 +15,11 @@ from lab.config import app_name, database_kind, pg_connect_args
 
 # Below the Docker HEALTHCHECK's 4 s client timeout: the check answers before it gives up.
 TIMEOUT_SEC = 3
-CONNECT_TIMEOUT_SEC = 2
+# A probe's connection attempt (and its query, by statement_timeout) gives up within
+# this, under TIMEOUT_SEC: a probe of an unreachable database then ends with the
+# database's own reason ("connection refused", "timeout expired") instead of the bare
+# "no answer". A start waits longer (lab.config.CONNECT_TIMEOUT_SEC): no client waits on it.
+PROBE_TIMEOUT_SEC = 2
 
 
 class HealthCheck:
@@ -37,9 +41,9 @@ class HealthCheck:
         else:
             self._pg_args = pg_connect_args(
                 url,
-                connect_timeout=CONNECT_TIMEOUT_SEC,
+                connect_timeout=PROBE_TIMEOUT_SEC,
                 application_name=f"{app_name(app)}-health",
-                statement_timeout_ms=CONNECT_TIMEOUT_SEC * 1000,
+                statement_timeout_ms=PROBE_TIMEOUT_SEC * 1000,
             )
             self._password = self._pg_args.get("password")
         # The one database check in flight: probes that arrive meanwhile share it, so a
@@ -52,7 +56,7 @@ class HealthCheck:
             if self.kind == "sqlite":
                 import sqlite3
 
-                conn: Any = sqlite3.connect(self._sqlite_uri, uri=True, timeout=CONNECT_TIMEOUT_SEC)
+                conn: Any = sqlite3.connect(self._sqlite_uri, uri=True, timeout=PROBE_TIMEOUT_SEC)
                 sql = "SELECT count(*) FROM sqlite_master"  # reads the file (SELECT 1 would not)
             else:
                 import psycopg2
