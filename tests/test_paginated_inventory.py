@@ -52,7 +52,9 @@ def test_static_methods_holding_the_client_cannot_start_a_workflow(
     use_environment(monkeypatch, sqlite_url)
     server, endpoint = integration.start_local_s3()
     try:
-        s3 = integration.s3_client(endpoint, local=True)
+        s3 = integration.s3_client(
+            endpoint, integration.IntegrationSettings.load().s3_region, local=True
+        )
         integration.seed_demo_bucket(s3, "static-demo", 3)
         DBOS(config={"name": "experiment6-integration", "system_database_url": sqlite_url})
         DBOS.launch()
