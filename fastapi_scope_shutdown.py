@@ -30,11 +30,12 @@ from lab.launch import check_reachable, launch
 from lab.views import find_workflow
 from shutdown import page, pool
 from shutdown.admission import STEPS_ATTRIBUTE, Admission
-from shutdown.fib import fib  # its own module: a pool process imports it, and nothing else
+from shutdown.fib import fib as fib  # its own module: a pool process imports it, and nothing else
 from shutdown.health import HealthCheck
 from shutdown.settings import DEFAULT_MAX_QUEUED_STEPS as DEFAULT_MAX_QUEUED_STEPS
 from shutdown.settings import MAX_MAX_QUEUED_STEPS as MAX_MAX_QUEUED_STEPS
-from shutdown.settings import MAX_SLOTS, ShutdownSettings
+from shutdown.settings import MAX_SLOTS as MAX_SLOTS  # the app's own limit, for its tests
+from shutdown.settings import ShutdownSettings
 from shutdown.slots import ExecutorSlots
 
 APP = "shutdown"
