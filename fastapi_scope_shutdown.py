@@ -241,7 +241,7 @@ async def start_serving(cfg: dict[str, Any], settings: ShutdownSettings) -> None
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    global health, settings
+    global health, settings, serving
     logs.setup_logging(APP)
     with logs.exit_on_config_error():
         loaded = settings or ShutdownSettings.load()
@@ -263,6 +263,16 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     if starting is None:
         await start_serving(cfg, loaded)
     yield
+    try:
+        await stop_serving(starting)
+    finally:
+        # What a start read and made belongs to it: a lifespan run again in this
+        # process (the in-process tests do) reads the environment anew.
+        settings, serving = None, False
+
+
+async def stop_serving(starting: asyncio.Future[None] | None) -> None:
+    """Stop claiming a slot, or stop DBOS (its grace period), the pool and the slot."""
     if starting is not None:
         slots.stop_claiming()
         await asyncio.wait([starting], timeout=CLAIM_STOP_SEC)

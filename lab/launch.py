@@ -39,6 +39,11 @@ class SettingsAtStart(Generic[T_co]):
                 self._value = self._load()
         return self._value
 
+    def forget(self) -> None:
+        """At the end of a start: a start again in this process (a lifespan run anew,
+        as the in-process tests do) reads the environment anew."""
+        self._value = None
+
 
 class LaunchError(ConfigError):
     """DBOS cannot start here (the database is unreachable, the launch failed): a
@@ -176,8 +181,11 @@ async def dbos_lifespan(name: str, settings: SettingsAtStart[ServeSettings]) -> 
     with exit_on_config_error():
         await launch_async(dbos_config(name, database))
     log.info("serving", extra={"database": database.redacted})
-    yield
-    await asyncio.to_thread(DBOS.destroy)
+    try:
+        yield
+        await asyncio.to_thread(DBOS.destroy)
+    finally:
+        settings.forget()
 
 
 def serve(app: Any, name: str, settings: SettingsAtStart[ServeSettings]) -> None:
