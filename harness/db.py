@@ -204,7 +204,7 @@ def database_dump(url: str) -> Iterator[tuple[str, str]]:
             yield f"{schema}.{table}", row
 
 
-def secrets_in_database(url: str, secrets: set[str] | None = None) -> dict[str, set[str]]:
+def secrets_in_database(url: str, secrets: set[str]) -> dict[str, set[str]]:
     """table -> the secrets found in its rows (empty when the database holds none)."""
     found: dict[str, set[str]] = {}
     for table, row in database_dump(url):
@@ -214,10 +214,10 @@ def secrets_in_database(url: str, secrets: set[str] | None = None) -> dict[str, 
     return found
 
 
-def assert_no_secret_in_databases(*urls: str) -> None:
-    """No remembered secret in any table of these system databases."""
+def assert_no_secret_in_databases(secrets: set[str], *urls: str) -> None:
+    """None of ``secrets`` in any table of these system databases."""
     for url in urls:
-        leaks = secrets_in_database(url)
+        leaks = secrets_in_database(url, secrets)
         # Which tables, never the secret itself.
         assert not leaks, f"a secret reached the system database, tables: {sorted(leaks)}"
 

@@ -26,7 +26,7 @@ import pytest
 from dbos import DBOS
 from fastapi.testclient import TestClient
 
-from harness.env import outputs, script_env
+from harness.env import record_output, script_env
 from harness.proc import ScriptResult, parse_json_lines
 
 # Loggers the scripts' logging setup rewires (lab/logs.py, integration.py's quiet ones).
@@ -85,7 +85,7 @@ class Output:
 
     def result(self) -> ScriptResult:
         text = self.stream.getvalue()
-        outputs.append(text)  # scanned for secrets after the test (tests/conftest.py)
+        record_output(text)  # searched for secrets when the open watch ends
         return ScriptResult(0, text, "", parse_json_lines(text))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from harness import REPO
-from harness.env import outputs, remember_secrets
+from harness.env import record_output, remember_secrets
 from lab.signals import children
 
 
@@ -177,5 +177,5 @@ def run_script(
         text=True,
         timeout=timeout,
     )
-    outputs.extend((proc.stdout, proc.stderr))
+    record_output(proc.stdout, proc.stderr)
     return ScriptResult(proc.returncode, proc.stdout, proc.stderr, parse_json_lines(proc.stdout))

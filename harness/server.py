@@ -3,7 +3,7 @@
 The one server wrapper of the tests, the benchmarks and the reliability suite. The
 process runs in its own process group (``kill`` takes every worker with it); its
 stdout and stderr (JSON log lines) go to a file, read after a crash or a restart.
-Every environment it gets is remembered for the secret checks (harness.env).
+Its environment's secrets and its log file go to the open secret watch (harness.env).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from harness import REPO
-from harness.env import log_files, remember_secrets, script_env
+from harness.env import record_log_file, remember_secrets, script_env
 from harness.proc import free_port, parse_json_lines, read_json_lines, wait_for
 
 
@@ -48,7 +48,7 @@ class AppServer:
         self.target = target
         self.env = env
         remember_secrets(env)
-        log_files.append(log_path)
+        record_log_file(log_path)
         self.port = port or free_port()
         self.log_path = log_path
         self.extra_args = args or []

@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import pgcluster
 from harness.db import ScratchDatabases, assert_no_secret_in_databases
+from harness.env import SecretWatch, no_secret_leaks
 from harness.report import Progress, markdown_table
 
 progress = Progress("reliability")
@@ -66,14 +67,16 @@ def table(figures: list[Figure]) -> str:
 @dataclass
 class Context:
     """What an area needs: a Postgres server to make databases on, a scratch directory,
-    how many trials, whether this is a short run (the tests, CI), and a seed that
-    makes a run's random choices repeatable."""
+    how many trials, whether this is a short run (the tests, CI), a seed that makes a
+    run's random choices repeatable, and the run's secret watch."""
 
     server_url: str
     workdir: Path
     trials: int = 10
     quick: bool = False
     seed: int | None = None  # random choices (kill moments, fuzzing): None = fresh
+    # The secrets handed to scripts during the run (open while it lasts: harness.env).
+    watch: SecretWatch = field(default_factory=SecretWatch)
     _scratch: ScratchDatabases | None = field(default=None, repr=False)
 
     @property
@@ -115,14 +118,16 @@ class Context:
 
 @contextmanager
 def quick_context(server_url: str, workdir: Path) -> Iterator[Context]:
-    """A short run's context (the tests): two trials; afterwards its databases are
-    checked for secrets, then dropped."""
-    ctx = Context(server_url=server_url, workdir=workdir, trials=2, quick=True)
-    try:
-        yield ctx
-        assert_no_secret_in_databases(*ctx.databases())
-    finally:
-        ctx.close()
+    """A short run's context (the tests): two trials, a secret watch of its own;
+    afterwards its outputs, logs and databases are checked for secrets, then the
+    databases are dropped."""
+    with no_secret_leaks(workdir) as watch:
+        ctx = Context(server_url=server_url, workdir=workdir, trials=2, quick=True, watch=watch)
+        try:
+            yield ctx
+            assert_no_secret_in_databases(watch.secrets, *ctx.databases())
+        finally:
+            ctx.close()
 
 
 __all__ = ["Context", "Figure", "broken", "info", "progress", "promise", "quick_context", "table"]

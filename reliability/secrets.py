@@ -11,12 +11,12 @@ How
        ``SHUTDOWN_TOKEN`` unset it must answer 403. Only the right token stops it (202,
        then a clean exit). ``integration.py`` runs against a local S3 server with
        distinctive AWS keys, and ``scope.py`` with a database URL carrying a password.
-    2. Scan. Every secret handed to a script during the run (harness/env.py remembers
-       them) is searched for in every log and output, and in every row of every table
-       of every system database the run used: as is, and inside base64 tokens (DBOS
-       stores pickled inputs and outputs as base64, where a plain search would miss
-       them). Run by ``python -m reliability``, this area comes last and also scans the
-       logs and databases of all other areas.
+    2. Scan. Every secret handed to a script during the run (the run's secret watch,
+       ``ctx.watch``, remembers them) is searched for in every log and output, and in
+       every row of every table of every system database the run used: as is, and
+       inside base64 tokens (DBOS stores pickled inputs and outputs as base64, where a
+       plain search would miss them). Run by ``python -m reliability``, this area comes
+       last and also scans the logs and databases of all other areas.
     3. Control. A workflow that (deliberately) takes a secret as its argument must be
        found by the same scan: otherwise a zero would prove nothing.
     4. Container. The Dockerfile's last ``USER`` is a numeric, non-root uid (the tests in
@@ -48,7 +48,7 @@ from typing import Any
 from harness import REPO
 from harness.clients import CacheClient, ScopeClient, ShutdownClient
 from harness.db import database_dump, secrets_in_database
-from harness.env import known_secrets, outputs, script_env, secrets_in
+from harness.env import remember_secret, script_env, secrets_in
 from harness.fanout import shutdown_server
 from harness.proc import run_script
 from harness.server import AppServer
@@ -189,7 +189,7 @@ def _scope_with_password(url: str) -> int:
 
     password = distinctive("db-password")
     with_password = make_url(url).set(password=password).render_as_string(hide_password=False)
-    known_secrets.add(password)
+    remember_secret(password)
     result = run_script(
         "scope.py",
         "--steps",
@@ -247,7 +247,7 @@ def is_root(user: str) -> bool:
 
 def scan(ctx: Context) -> dict[str, int]:
     """Search every remembered secret in the run's logs, outputs and databases."""
-    secrets = set(known_secrets)
+    secrets, outputs = ctx.watch.secrets, ctx.watch.outputs
     files = [
         p
         for p in ctx.workdir.rglob("*")

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import harness.docker as hd
-from harness import REPO, env, pgcluster
+from harness import REPO, pgcluster
 from harness.db import ScratchDatabases, assert_no_secret_in_databases
+from harness.env import SecretWatch, no_secret_leaks
 from lab.config import ConfigError, check_sqlite_version
 
 
@@ -52,29 +53,23 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
-    """After every test: no secret a script was given shows up in a server log, a
-    script's output, or a ``*.log`` file of the test's temporary directory."""
-    env.outputs.clear()
-    env.log_files.clear()
-    yield
-    files = set(env.log_files) | set(tmp_path.rglob("*.log"))
-    leaks = [str(f) for f in sorted(files) if f.is_file() and env.secrets_in(f.read_bytes())]
-    leaks += [f"output {n}" for n, text in enumerate(env.outputs) if env.secrets_in(text)]
-    env.outputs.clear()
-    env.log_files.clear()
-    assert not leaks, f"a secret reached: {leaks}"
+def secret_watch(tmp_path: Path) -> Iterator[SecretWatch]:
+    """The test's secret watch (harness.env): after the test, no secret a script was
+    given shows up in a server log, a script's output, or a ``*.log`` file of the
+    test's temporary directory (the database fixtures check their databases)."""
+    with no_secret_leaks(tmp_path) as watch:
+        yield watch
 
 
 @pytest.fixture
-def pg_url(pg_server: str, tmp_path: Path) -> Iterator[str]:
+def pg_url(pg_server: str, tmp_path: Path, secret_watch: SecretWatch) -> Iterator[str]:
     """A fresh, empty database on the test server; checked for secrets and dropped
     afterwards."""
     scratch = ScratchDatabases(pg_server, prefix="t", directory=tmp_path)
     url = scratch.postgres()
     try:
         yield url
-        assert_no_secret_in_databases(url)
+        assert_no_secret_in_databases(secret_watch.secrets, url)
     finally:
         failed = scratch.close()
         assert not failed, failed
@@ -92,10 +87,10 @@ def sqlite_supported() -> None:
 
 
 @pytest.fixture
-def sqlite_url(sqlite_supported: None, tmp_path: Path) -> Iterator[str]:
+def sqlite_url(sqlite_supported: None, tmp_path: Path, secret_watch: SecretWatch) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
     yield url
-    assert_no_secret_in_databases(url)
+    assert_no_secret_in_databases(secret_watch.secrets, url)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -43,7 +43,7 @@ def test_one_fetch_per_process_and_the_secret_stays_out_of_rows_and_logs(
     assert query(pg_url, pages, wf1) == [("get_users_page", "SUCCESS")] * 5
     described = [(r["page"], r["user"]) for r in output.result().messages("describe_user")]
     assert sorted(described) == sorted(ALL_USERS * 2)  # each user once per run
-    assert secrets_in_database(pg_url) == {}
+    assert secrets_in_database(pg_url, {secret}) == {}
     log_text = output.stream.getvalue()
     assert secret not in log_text and app.fingerprint(secret) in log_text
 

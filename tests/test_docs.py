@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from harness import REPO
-from harness.env import outputs, remember_secrets, script_env
+from harness.env import record_output, remember_secrets, script_env
 from harness.proc import wait_for
 from harness.server import AppServer
 
@@ -357,7 +357,7 @@ class Session:
         while True:
             response = httpx.request(method, url, headers=headers, timeout=60)
             answer = response.text
-            outputs.append(answer)
+            record_output(answer)
             if all(shows(e, answer) for e in command.expected) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -377,7 +377,7 @@ class Session:
             text=True,
             timeout=COMMAND_TIMEOUT_SEC,
         )
-        outputs.extend((proc.stdout, proc.stderr))
+        record_output(proc.stdout, proc.stderr)
         output = proc.stdout + proc.stderr
         assert proc.returncode == command.exit_status, (
             f"{text}: exit {proc.returncode}, expected {command.exit_status}\n{output[-3000:]}"

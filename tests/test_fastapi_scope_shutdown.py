@@ -22,7 +22,7 @@ import fastapi_scope_shutdown
 from harness import REPO
 from harness.clients import ShutdownClient
 from harness.db import query
-from harness.env import script_env
+from harness.env import no_secret_leaks, script_env
 from harness.fanout import (
     assert_clean_stop,
     assert_queue_limit,
@@ -147,7 +147,7 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One process on SQLite, no SHUTDOWN_TOKEN: for the plain request checks."""
     tmp_path = tmp_path_factory.mktemp("sqlite_server")
     url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
-    with app_server(tmp_path, url, "server", token=None) as server:
+    with no_secret_leaks(tmp_path), app_server(tmp_path, url, "server", token=None) as server:
         yield server
 
 

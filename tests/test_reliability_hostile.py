@@ -11,9 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.db import assert_no_secret_in_databases
 from reliability import hostile
-from reliability.core import Context
+from reliability.core import Context, quick_context
 
 SPECS = {spec.key: spec for spec in hostile.APPS}
 
@@ -50,14 +49,12 @@ class Sessions:
 
 @pytest.fixture(scope="module")
 def sessions(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sessions]:
-    ctx = Context(pg_server, tmp_path_factory.mktemp("hostile"), trials=2, quick=True)
-    registry = Sessions(ctx)
-    try:
-        yield registry
-        assert_no_secret_in_databases(*ctx.databases())
-    finally:
-        registry.close_all()
-        ctx.close()
+    with quick_context(pg_server, tmp_path_factory.mktemp("hostile")) as ctx:
+        registry = Sessions(ctx)
+        try:
+            yield registry
+        finally:
+            registry.close_all()
 
 
 @pytest.mark.parametrize("case", hostile.CASES, ids=[c.id for c in hostile.CASES])

@@ -15,21 +15,16 @@ from collections.abc import Iterator
 import pytest
 
 import fastapi_scope_shutdown
-from harness.db import assert_no_secret_in_databases
 from reliability import load, overload
-from reliability.core import Context, broken
+from reliability.core import broken, quick_context
 
 BURST = 500  # a burst far above the queue limit (50)
 
 
 @pytest.fixture(scope="module")
 def loaded(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[load.LoadRun]:
-    ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("load"), quick=True)
-    try:
+    with quick_context(pg_server, tmp_path_factory.mktemp("load")) as ctx:
         yield load.run_load(ctx, [BURST, BURST])
-        assert_no_secret_in_databases(*ctx.databases())
-    finally:
-        ctx.close()
 
 
 @pytest.mark.slow
@@ -121,12 +116,8 @@ def test_the_checks_catch_a_wrong_answer_and_a_body_run_twice() -> None:
 def overloaded(
     pg_server: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[overload.OverloadRun]:
-    ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("overload"), quick=True)
-    try:
+    with quick_context(pg_server, tmp_path_factory.mktemp("overload")) as ctx:
         yield overload.run_overload(ctx, overload.QUICK_BOUND)
-        assert_no_secret_in_databases(*ctx.databases())
-    finally:
-        ctx.close()
 
 
 @pytest.mark.slow

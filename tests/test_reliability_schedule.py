@@ -10,9 +10,8 @@ from datetime import timedelta
 
 import pytest
 
-from harness.db import assert_no_secret_in_databases
 from reliability import schedule
-from reliability.core import Context, broken
+from reliability.core import broken, quick_context
 
 # Servers, crashes or long runs: not in the fast tier (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -24,12 +23,8 @@ WINDOW_SECONDS = 30  # six 5-second slots per worker count
 def windows(
     pg_server: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[schedule.Window]]:
-    ctx = Context(server_url=pg_server, workdir=tmp_path_factory.mktemp("schedule"), quick=True)
-    try:
+    with quick_context(pg_server, tmp_path_factory.mktemp("schedule")) as ctx:
         yield schedule.run_windows(ctx, WINDOW_SECONDS, concurrent=True)
-        assert_no_secret_in_databases(*ctx.databases())
-    finally:
-        ctx.close()
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["2-workers", "3-workers"])

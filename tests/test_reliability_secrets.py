@@ -5,13 +5,22 @@ also scans that test's logs and databases for every secret handed to a script.""
 from __future__ import annotations
 
 import base64
+import contextvars
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness.env import secrets_in
+from harness.env import (
+    SecretWatch,
+    no_secret_leaks,
+    record_output,
+    remember_secret,
+    remember_secrets,
+    script_env,
+    secrets_in,
+)
 from reliability import secrets
 from reliability.core import Context, quick_context
 
@@ -29,6 +38,24 @@ def test_the_scan_sees_a_secret_as_is_and_inside_base64_pickles() -> None:
     assert secret not in stored  # a plain search would miss it
     assert secrets_in(f"('wf-1', '{stored}')", {secret}) == {secret}
     assert secrets_in("nothing here, not even " + secret[:-1], {secret}) == set()
+
+
+def test_a_watch_fails_on_a_secret_in_an_output_or_a_log_and_answers_for_the_outer_one(
+    tmp_path: Path, secret_watch: SecretWatch
+) -> None:
+    outer_secret, inner_secret = "outer-secret-7d1e", "inner-secret-93ab"
+    with pytest.raises(AssertionError, match="output 0"), no_secret_leaks() as outer:
+        outer.remember(outer_secret)
+        with pytest.raises(AssertionError, match="s.log"), no_secret_leaks(tmp_path) as inner:
+            remember_secrets(script_env(None, SHUTDOWN_TOKEN=inner_secret))
+            (tmp_path / "s.log").write_text(f'{{"token": "{outer_secret}"}}\n')
+        assert inner.secrets == {outer_secret, inner_secret}
+        (tmp_path / "s.log").unlink()
+        record_output(f"leaked {inner_secret}")  # the inner one's secret, passed up
+    assert outer.own_secrets == {outer_secret, inner_secret}
+    assert {outer_secret, inner_secret} <= secret_watch.own_secrets  # the test's own watch
+    contextvars.Context().run(remember_secret, "no-watch-is-open")  # nowhere to go: no error
+    assert "no-watch-is-open" not in secret_watch.secrets
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 import fastapi_scope_shutdown
-from harness.db import ScratchDatabases
+from harness.db import ScratchDatabases, assert_no_secret_in_databases
+from harness.env import no_secret_leaks
 from harness.replicas import Replicas
 from reliability import replicas
 from reliability.replicas import CaseResult
@@ -36,8 +37,11 @@ def pair(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     workdir = tmp_path_factory.mktemp("replicas")
     scratch = ScratchDatabases(pg_server, prefix="t", directory=workdir)
     try:
-        with replicas.replicas(scratch.postgres("replicas"), workdir) as group:
-            yield group
+        with no_secret_leaks(workdir) as watch:
+            url = scratch.postgres("replicas")
+            with replicas.replicas(url, workdir) as group:
+                yield group
+            assert_no_secret_in_databases(watch.secrets, url)
     finally:
         assert not scratch.close()
 
