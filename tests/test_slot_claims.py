@@ -279,7 +279,6 @@ def recorded_under(db_url: str, executor_id: str) -> dict[str, tuple[Any, ...]]:
     return {row[0]: row[1:] for row in rows}
 
 
-@pytest.mark.slow
 def take_the_slot_and_see_a_fence(
     server: AppServer, pg_url: str, pid: int
 ) -> tuple[str, float, dict[str, tuple[Any, ...]]]:
@@ -312,6 +311,7 @@ def take_the_slot_and_see_a_fence(
     return thief, noticed, snapshot
 
 
+@pytest.mark.slow
 def test_a_process_whose_slot_is_taken_stops_and_records_nothing_afterwards(
     pg_url: str, tmp_path: Path
 ) -> None:
