@@ -97,6 +97,44 @@ def stdout_captured() -> Iterator[Output]:
         yield output
 
 
+class Exited(BaseException):
+    """The code run here called ``os._exit(code)`` (``lab.logs.fail``): a process would
+    have ended there, with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _exit(code: int) -> NoReturn:
+    raise Exited(code)
+
+
+def run_to_exit(entry_point: Callable[[], object]) -> ScriptResult:
+    """Run, in this process, an entry point that must end its process early: a bad flag
+    (argparse's ``SystemExit``) or a bad setting (``lab.logs.fail``'s ``os._exit``,
+    which raises ``Exited`` here). Its exit code, stdout and stderr, as a
+    ``ScriptResult``; returning normally is an ``AssertionError``."""
+    errors = io.StringIO()
+    with (
+        stdout_captured() as output,
+        contextlib.redirect_stderr(errors),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setattr(os, "_exit", _exit)
+        try:
+            entry_point()
+        except Exited as exc:
+            code = exc.code
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        else:
+            raise AssertionError("the entry point returned instead of ending the process")
+    out = output.result()
+    record_output(errors.getvalue())
+    return ScriptResult(code, out.stdout, errors.getvalue(), out.records)
+
+
 def run_main(main: Callable[[list[str]], None], *argv: str) -> ScriptResult:
     """``python <script>.py argv``, in this process: its stdout as a ``ScriptResult``."""
     with stdout_captured() as output:

@@ -156,6 +156,16 @@ class ScriptResult:
         assert last.get("message") == "summary", f"last line is not the summary: {last}"
         return last
 
+    def failure(self, code: int = 2) -> str:
+        """The one line a run that failed with ``code`` printed: an ERROR record, and
+        no traceback anywhere."""
+        assert self.returncode == code, (self.returncode, self.stdout, self.stderr)
+        assert len(self.records) == 1, self.records
+        assert self.records[0]["severity"] == "ERROR", self.records[0]
+        assert "Traceback" not in self.stdout + self.stderr
+        message: str = self.records[0]["message"]
+        return message
+
     def messages(self, message: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("message") == message]
 

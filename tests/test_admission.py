@@ -94,6 +94,7 @@ def test_the_bound_is_the_services_a_second_replica_sees_the_first_ones_backlog(
         ShutdownClient(b.client).trigger(BOUND, 0)
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_fan_out_in_one_process.py
 @pytest.mark.usefixtures("sqlite_supported")  # runs on the default SQLite
 @pytest.mark.parametrize("value", ["0", "-5", "many", "1000001"])
 def test_a_bad_max_queued_steps_fails_fast_with_one_line(tmp_path: Path, value: str) -> None:

@@ -5,11 +5,13 @@ own (``<temp>.wf_step``) while a step called directly has no row."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import nested_wfs
 from harness.db import query
-from harness.inprocess import in_process, run_main, use_environment  # noqa: F401
+from harness.inprocess import in_process, run_main, run_to_exit, use_environment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -59,3 +61,14 @@ def test_both_trees_get_derived_ids_parents_and_queues_as_recorded(
         f"{direct}-2-2",
     )
     assert [name for (name,) in child_ops][:2] == ["DBOS.getStatus", "wf_step"]
+
+
+def test_bad_flags_end_the_run_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    use_environment(monkeypatch, None)
+    result = run_to_exit(lambda: nested_wfs.main(["--crash-in", "wf", "--sleep-seconds", "0"]))
+    assert result.returncode == 2
+    assert "--crash-in needs --sleep-seconds > 0" in result.stderr
+    assert list(tmp_path.iterdir()) == []

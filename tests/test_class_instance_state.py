@@ -5,6 +5,7 @@ resumed by the next launch, which runs only steps 3..5, on a new instance."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from harness.inprocess import (
     picked,
     registry_in_use,
     run_main,
+    run_to_exit,
     use_environment,
 )
-from harness.proc import ScriptResult
+from harness.proc import ScriptResult, free_port
 
 # fastapi_scope.py defines the same A.run, in DBOS's shared registry.
 scope, SCOPE_REGISTRY = import_apart("scope")
@@ -122,3 +124,35 @@ def test_the_default_database_is_experiment6_sqlite_in_the_working_directory(
     s = run(monkeypatch, *ARGS).summary
     db = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
     assert workflow_rows(db, s["workflow_id"])["status"] == "SUCCESS"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("not a url", "not a database URL"),
+        ("postgresql://postgres:pw-5e1c9a@127.0.0.1:{port}/nowhere", "cannot reach the system"),
+    ],
+    ids=["malformed", "unreachable"],
+)
+def test_a_bad_database_url_ends_the_run_with_one_line_and_no_password(
+    url: str, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    use_environment(monkeypatch, url.format(port=free_port()))
+    result = run_to_exit(lambda: scope.main(list(ARGS)))
+    assert expected in result.failure()
+    assert "pw-5e1c9a" not in result.stdout  # the password is redacted
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_flags_or_too_old_sqlite_end_the_run_before_dbos_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    use_environment(monkeypatch, None)
+    flags = run_to_exit(lambda: scope.main(["--steps", "0"]))
+    assert flags.returncode == 2 and "--steps must be at least 1" in flags.stderr
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")  # too old on every Python
+    old = run_to_exit(lambda: scope.main(list(ARGS)))
+    assert old.failure().startswith("SQLite 3.34.1 is too old: DBOS 3.4 on Python ")
+    assert list(tmp_path.iterdir()) == []  # no database was opened

@@ -8,11 +8,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from fastapi.testclient import TestClient
 
 import fastapi_scope_cache as app
 from harness.clients import CacheClient
 from harness.db import query, secrets_in_database, workflow_rows
-from harness.inprocess import in_process, served, use_environment  # noqa: F401
+from harness.inprocess import in_process, run_to_exit, served, use_environment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -74,3 +75,16 @@ def test_parameters_outside_the_limits_are_a_422_and_start_nothing(
         assert query(sqlite_url, "SELECT count(*) FROM dbos.workflow_status") == [(0,)]
         missing = client.get("/workflows/no-such-workflow")
         assert missing.status_code == 404 and "no-such-workflow" in missing.json()["detail"]
+
+
+def test_a_malformed_database_url_ends_startup_with_one_error_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_environment(monkeypatch, "postgres//nowhere")
+
+    def serve_once() -> None:
+        with TestClient(app.app):  # the lifespan: launch DBOS, then stop it
+            pass
+
+    result = run_to_exit(serve_once)
+    assert "not a database URL" in result.failure() and result.stderr == ""

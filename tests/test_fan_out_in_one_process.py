@@ -7,14 +7,16 @@ without the right token a 401, and with no token configured a 403."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
 import fastapi_scope_shutdown as demo
 from harness.clients import ShutdownClient
 from harness.fanout import assert_queue_limit, children, fan_out_result
-from harness.inprocess import in_process, served, use_environment  # noqa: F401
+from harness.inprocess import in_process, run_to_exit, served, use_environment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -79,3 +81,39 @@ def test_bad_parameters_are_422_and_without_a_token_stopping_is_disabled(
         assert documented["steps"]["schema"]["maximum"] == demo.MAX_STEPS
         assert documented["max_n"]["schema"]["maximum"] == demo.MAX_MAX_N
         assert api.healthz().json()["database"] == "sqlite"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("WORKERS", "0", "WORKERS"),
+        ("WORKERS", "two", "WORKERS"),
+        ("PORT", "70000", "PORT"),
+        *[
+            (
+                "MAX_QUEUED_STEPS",
+                value,
+                "MAX_QUEUED_STEPS must be a whole number from 1 to "
+                f"{demo.MAX_MAX_QUEUED_STEPS}, got {value!r}",
+            )
+            for value in ("0", "-5", "many", "1000001")
+        ],
+    ],
+)
+def test_a_bad_setting_ends_the_server_before_it_starts_with_one_line(
+    variable: str, value: str, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'experiment6.sqlite'}"
+    use_environment(monkeypatch, url, **{variable: value})
+    assert expected in run_to_exit(demo.main).failure()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_old_sqlite_ends_the_server_before_dbos_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_environment(monkeypatch, f"sqlite:///{tmp_path / 'old.sqlite'}", WORKERS="1")
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")  # too old on every Python
+    message = run_to_exit(demo.main).failure()
+    assert message.startswith("SQLite 3.34.1 is too old: DBOS 3.4 on Python ")
+    assert list(tmp_path.iterdir()) == []

@@ -199,6 +199,7 @@ def test_python_script_on_sqlite_rejects_bad_parameters_with_422_and_keeps_servi
     assert any(r["name"].startswith("uvicorn") for r in server.records())
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_web_process_state.py
 @pytest.mark.parametrize(
     ("url", "expected"),
     [

@@ -266,6 +266,7 @@ def test_python_script_on_sqlite_serves_rejects_bad_parameters_and_keeps_serving
         assert missing.status_code == 404 and "no-such-workflow" in missing.json()["detail"]
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_credentials_cache.py
 def test_malformed_database_url_fails_startup_with_one_error_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "uvicorn", TARGET, "--port", str(free_port())],

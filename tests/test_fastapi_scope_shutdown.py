@@ -175,6 +175,7 @@ def test_sqlite_refuses_a_second_process_and_several_workers(tmp_path: Path) -> 
     assert "needs Postgres" in several.records[0]["message"]
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_fan_out_in_one_process.py
 @pytest.mark.usefixtures("sqlite_supported")  # runs on the default SQLite
 @pytest.mark.parametrize(
     ("variable", "value"), [("WORKERS", "0"), ("WORKERS", "two"), ("PORT", "70000")]

@@ -409,6 +409,7 @@ def test_without_an_endpoint_a_local_s3_server_is_seeded_and_listed(tmp_path: Pa
     ) == [(30, 30)]
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_paginated_inventory.py
 def test_bad_flags_are_rejected_before_anything_runs(tmp_path: Path) -> None:
     result = run_script("integration.py", "--page-size", "0", env=script_env(), cwd=tmp_path)
     assert result.returncode == 2

@@ -51,6 +51,9 @@ def test_new_enough_sqlite_passes(version: str, python: tuple[int, int]) -> None
     check_sqlite_version(version, python)
 
 
+# The exit of a real process; in the test process: test_class_instance_state.py and
+# test_fan_out_in_one_process.py.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "args"),
     [("scope.py", ["--steps", "1", "--step-seconds", "0"]), ("fastapi_scope_shutdown.py", [])],

@@ -222,6 +222,7 @@ def test_default_run_uses_sqlite_in_the_working_directory(tmp_path: Path) -> Non
     assert len(tree_rows(db, f"{s['run_id']}-queued")) == 4
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_child_workflow_ids.py
 def test_bad_flags_are_rejected_before_anything_runs(tmp_path: Path) -> None:
     result = run_script(
         "nested_wfs.py", "--crash-in", "wf", "--sleep-seconds", "0", env=script_env(), cwd=tmp_path

@@ -102,6 +102,7 @@ def test_every_stdout_line_is_json_with_the_stable_fields(sqlite_url: str) -> No
     assert [r["step_number"] for r in steps] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_class_instance_state.py
 def test_malformed_database_url_fails_fast_with_one_line(tmp_path: Path) -> None:
     result = run_script("scope.py", *ARGS, env=script_env("not a url"), cwd=tmp_path, timeout=30)
     assert result.returncode == 2
@@ -111,6 +112,7 @@ def test_malformed_database_url_fails_fast_with_one_line(tmp_path: Path) -> None
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_class_instance_state.py
 def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
     from harness.proc import free_port
 
@@ -124,6 +126,7 @@ def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # the exit of a real process; in the test process: test_class_instance_state.py
 def test_bad_flags_are_rejected_before_anything_runs(tmp_path: Path) -> None:
     result = run_script("scope.py", "--steps", "0", env=script_env(), cwd=tmp_path)
     assert result.returncode == 2

@@ -10,11 +10,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 import fastapi_scope as app
 from harness.clients import ScopeClient
 from harness.db import query, step_outputs, workflow_rows
-from harness.inprocess import in_process, picked, served, use_environment  # noqa: F401
+from harness.inprocess import (  # noqa: F401
+    in_process,
+    picked,
+    run_to_exit,
+    served,
+    use_environment,
+)
+from harness.proc import free_port
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -120,3 +128,25 @@ def test_parameters_outside_the_limits_are_a_422_and_start_nothing(
             steps, seconds = params["steps"]["schema"], params["step_seconds"]["schema"]
             assert (steps["minimum"], steps["maximum"]) == (1, steps_max)
             assert (seconds["minimum"], seconds["maximum"]) == (0, seconds_max)
+
+
+def serve_once() -> None:
+    with TestClient(app.app):  # the lifespan: launch DBOS, then stop it
+        pass
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("not a url", "not a database URL"),
+        ("postgresql://postgres:hunter2@127.0.0.1:{port}/nowhere", "cannot reach the system"),
+    ],
+    ids=["malformed", "unreachable"],
+)
+def test_a_bad_database_ends_startup_with_one_error_line(
+    url: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_environment(monkeypatch, url.format(port=free_port()))
+    result = run_to_exit(serve_once)
+    assert expected in result.failure() and result.stderr == ""
+    assert "hunter2" not in result.stdout
