@@ -32,6 +32,9 @@ SQLITE_URL = f"sqlite:///{CONFIG_NAME}.sqlite"
 # A script or server that starts against an unreachable database fails within this
 # long, with one line, instead of after DBOS's 10 s default.
 CONNECT_TIMEOUT_SEC = 5
+# How often DBOS polls a SQLite system database for notifications (it has no
+# LISTEN/NOTIFY); a script on SQLite ends this long, at most, after its last line.
+SQLITE_NOTIFY_POLL_SEC = 0.1
 PORT_RANGE = (1, 65535)
 
 Environ = Mapping[str, str]
@@ -230,5 +233,9 @@ def dbos_config(app: str, database: DatabaseSettings | None = None, **extra: Any
         if database_kind(url) == "postgres"
         else {},
     }
+    if database_kind(url) == "sqlite":
+        # SQLite has no LISTEN/NOTIFY: DBOS polls it for notifications, and stopping
+        # DBOS waits for the poller's sleep (up to 1 s at DBOS's default).
+        config["notification_listener_polling_interval_sec"] = SQLITE_NOTIFY_POLL_SEC
     config.update(extra)
     return config

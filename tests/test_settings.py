@@ -18,9 +18,12 @@ import fastapi_scope_cache
 import integration
 from lab.config import (
     CONFIG_NAME,
+    CONNECT_TIMEOUT_SEC,
+    SQLITE_NOTIFY_POLL_SEC,
     ConfigError,
     DatabaseSettings,
     ServeSettings,
+    dbos_config,
     int_env,
     text_env,
 )
@@ -200,3 +203,16 @@ def test_no_secret_in_a_settings_object_s_repr() -> None:
         assert "pw" not in shown
         assert "-42" not in shown
     assert ShutdownSettings.load(env).database.redacted == PG.replace(":pw@", ":***@")
+
+
+def test_the_dbos_config_polls_sqlite_often_and_bounds_the_connect_time_on_postgres() -> None:
+    on_sqlite = dbos_config("scope", DatabaseSettings("sqlite:///x.sqlite"))
+    on_postgres = dbos_config("scope", DatabaseSettings("postgresql://u@h:5432/d", "w-1"))
+    assert on_sqlite["notification_listener_polling_interval_sec"] == SQLITE_NOTIFY_POLL_SEC
+    assert on_sqlite["db_engine_kwargs"] == {}
+    assert "notification_listener_polling_interval_sec" not in on_postgres  # LISTEN/NOTIFY
+    assert on_postgres["db_engine_kwargs"]["connect_args"] == {
+        "application_name": f"{CONFIG_NAME}-scope",
+        "connect_timeout": CONNECT_TIMEOUT_SEC,
+    }
+    assert (on_postgres["name"], on_postgres["executor_id"]) == (f"{CONFIG_NAME}-scope", "w-1")
