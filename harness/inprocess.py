@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
@@ -133,6 +134,20 @@ def run_to_exit(entry_point: Callable[[], object]) -> ScriptResult:
     out = output.result()
     record_output(errors.getvalue())
     return ScriptResult(code, out.stdout, errors.getvalue(), out.records)
+
+
+def refused_flags(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path, main: Callable[[list[str]], None], *argv: str
+) -> str:
+    """``python <script>.py argv`` in this process, run in ``workdir`` on the default
+    (SQLite) database, with flags its parser must refuse: the parser's error (stderr).
+    It exits with 2 and writes nothing to ``workdir``."""
+    monkeypatch.chdir(workdir)
+    use_environment(monkeypatch, None)
+    result = run_to_exit(lambda: main(list(argv)))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert list(workdir.iterdir()) == []
+    return result.stderr
 
 
 def run_main(main: Callable[[list[str]], None], *argv: str) -> ScriptResult:

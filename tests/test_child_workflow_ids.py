@@ -11,7 +11,7 @@ import pytest
 
 import nested_wfs
 from harness.db import query
-from harness.inprocess import in_process, run_main, run_to_exit, use_environment  # noqa: F401
+from harness.inprocess import in_process, refused_flags, run_main, use_environment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -66,9 +66,6 @@ def test_both_trees_get_derived_ids_parents_and_queues_as_recorded(
 def test_bad_flags_end_the_run_before_anything_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    use_environment(monkeypatch, None)
-    result = run_to_exit(lambda: nested_wfs.main(["--crash-in", "wf", "--sleep-seconds", "0"]))
-    assert result.returncode == 2
-    assert "--crash-in needs --sleep-seconds > 0" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    flags = ("--crash-in", "wf", "--sleep-seconds", "0")
+    error = refused_flags(monkeypatch, tmp_path, nested_wfs.main, *flags)
+    assert "--crash-in needs --sleep-seconds > 0" in error

@@ -18,6 +18,7 @@ from harness.inprocess import (
     import_apart,
     in_process,  # noqa: F401
     picked,
+    refused_flags,
     registry_in_use,
     run_main,
     run_to_exit,
@@ -148,10 +149,9 @@ def test_a_bad_database_url_ends_the_run_with_one_line_and_no_password(
 def test_bad_flags_or_too_old_sqlite_end_the_run_before_dbos_starts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    use_environment(monkeypatch, None)
-    flags = run_to_exit(lambda: scope.main(["--steps", "0"]))
-    assert flags.returncode == 2 and "--steps must be at least 1" in flags.stderr
+    assert "--steps must be at least 1" in refused_flags(
+        monkeypatch, tmp_path, scope.main, "--steps", "0"
+    )
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")  # too old on every Python
     old = run_to_exit(lambda: scope.main(list(ARGS)))
     assert old.failure().startswith("SQLite 3.34.1 is too old: DBOS 3.4 on Python ")

@@ -15,7 +15,7 @@ from dbos import DBOS
 
 import integration
 from harness.db import query
-from harness.inprocess import in_process, run_main, run_to_exit, use_environment  # noqa: F401
+from harness.inprocess import in_process, refused_flags, run_main, use_environment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -71,9 +71,5 @@ def test_static_methods_holding_the_client_cannot_start_a_workflow(
 def test_bad_flags_end_the_run_before_anything_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    use_environment(monkeypatch, None)
-    result = run_to_exit(lambda: integration.main(["--page-size", "0"]))
-    assert result.returncode == 2
-    assert "--page-size must be between 1 and 1000" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    error = refused_flags(monkeypatch, tmp_path, integration.main, "--page-size", "0")
+    assert "--page-size must be between 1 and 1000" in error
