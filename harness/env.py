@@ -149,17 +149,16 @@ def secrets_in(data: str | bytes, secrets: set[str]) -> set[str]:
     """The secrets found in ``data``: as they are, or inside a base64 token (DBOS stores
     pickled inputs and outputs as base64, where a plain search would miss them)."""
     raw = data.encode() if isinstance(data, str) else data
-    wanted = secrets
     found = set()
-    for secret in wanted:
+    for secret in secrets:
         needles = (secret.encode(), base64.b64encode(secret.encode()).rstrip(b"="))
         if any(n in raw for n in needles):
             found.add(secret)
-    if len(found) < len(wanted):
+    if len(found) < len(secrets):
         for token in _BASE64.findall(raw):
             try:
                 decoded = base64.b64decode(token + b"=" * (-len(token) % 4))
             except (binascii.Error, ValueError):
                 continue
-            found |= {s for s in wanted if s.encode() in decoded}
+            found |= {s for s in secrets if s.encode() in decoded}
     return found
