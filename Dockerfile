@@ -45,7 +45,7 @@ COPY shutdown/ shutdown/
 
 # The system database. DBOS_SYSTEM_DATABASE_URL wins when given (-e at run time);
 # left empty, lab/config.py composes postgresql://PGUSER:PGPASSWORD@PGHOST:PGPORT/PGDATABASE
-# from the libpq variables below, as the original image configured Postgres: the
+# from the libpq variables below (the ones every Postgres client reads): the
 # default host is the Docker host (Docker Desktop names it; on Linux add
 # --add-host=host.docker.internal:host-gateway). PGPASSWORD has no default: a
 # password does not belong in an image layer (docker run -e PGPASSWORD=...).
