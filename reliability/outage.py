@@ -37,8 +37,8 @@ How
 Figures (per scenario)
     Restarts are shorter than the app's FENCE_SEC, the outages longer: a process that
     cannot renew its executor-slot lease for FENCE_SEC fences itself (a replica cut
-    off must stop before a peer may take over), so it cannot ride out a
-    longer outage without a restart. One process re-executes in place (same pid) and
+    off must stop before a peer may take over), so it cannot ride out a longer
+    outage without a restart. One process re-executes in place (same pid) and
     waits for the database; a uvicorn worker exits and uvicorn starts a replacement.
     Either way the same executor id is taken again and DBOS recovers its PENDING work.
 
