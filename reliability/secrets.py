@@ -140,27 +140,17 @@ def _web_apps(url: str, work: Path) -> dict[str, Any]:
 
 def _integration(url: str) -> int:
     """integration.py against moto's S3 server with distinctive keys: its exit code."""
-    from moto.server import ThreadedMotoServer
+    import boto3
 
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    s3.start()
+    import integration
+
+    s3, endpoint = integration.start_local_s3()
     try:
-        host, port = s3.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
         key_id, secret_key = distinctive("AKIDTEST"), distinctive("aws-secret")
-        import boto3
-
         bucket = f"secrets-{uuid.uuid4().hex[:8]}"
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret_key,
-        )
-        client.create_bucket(Bucket=bucket)
-        for i in range(30):
-            client.put_object(Bucket=bucket, Key=f"k/{i:03d}", Body=b"x" * (i + 1))
+        keys = {"aws_access_key_id": key_id, "aws_secret_access_key": secret_key}
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+        integration.seed_demo_bucket(client, bucket, 30)
         result = run_script(
             "integration.py",
             "--bucket",

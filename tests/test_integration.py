@@ -24,6 +24,7 @@ from typing import Any
 import boto3
 import pytest
 
+import integration
 from harness import REPO
 from harness.db import query
 from harness.env import script_env
@@ -36,13 +37,9 @@ PAGE_WORKFLOW = "S3Inventory.record_page"
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free loopback port, for this module."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server, endpoint = integration.start_local_s3()
     try:
-        yield f"http://{host}:{port}"
+        yield endpoint
     finally:
         server.stop()
 
