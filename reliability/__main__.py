@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"seed {seed} (repeat this run with --seed {seed})")
     try:
         with watching() as watch:  # every secret handed to a script during the run
-            ctx = Context(server, workdir, args.trials, args.quick, seed, watch=watch)
+            ctx = Context(server, workdir, watch, args.trials, args.quick, seed)
             try:
                 figures = run_areas(ctx, only)
             finally:

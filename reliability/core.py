@@ -72,11 +72,12 @@ class Context:
 
     server_url: str
     workdir: Path
+    # The secrets handed to scripts during the run: the watch open while it lasts
+    # (harness.env), never one of its own that nothing records into.
+    watch: SecretWatch
     trials: int = 10
     quick: bool = False
     seed: int | None = None  # random choices (kill moments, fuzzing): None = fresh
-    # The secrets handed to scripts during the run (open while it lasts: harness.env).
-    watch: SecretWatch = field(default_factory=SecretWatch)
     _scratch: ScratchDatabases | None = field(default=None, repr=False)
 
     @property
@@ -122,7 +123,7 @@ def quick_context(server_url: str, workdir: Path) -> Iterator[Context]:
     afterwards its outputs, logs and databases are checked for secrets, then the
     databases are dropped."""
     with no_secret_leaks(workdir) as watch:
-        ctx = Context(server_url=server_url, workdir=workdir, trials=2, quick=True, watch=watch)
+        ctx = Context(server_url, workdir, watch, trials=2, quick=True)
         try:
             yield ctx
             assert_no_secret_in_databases(watch.secrets, *ctx.databases())
